@@ -1,0 +1,351 @@
+"""The run config: typed sections, YAML plus `--section.key value` overrides, validation that reports everything."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ds_trainer.errors import DsTrainerError
+from ds_trainer.model import PRESETS, GPTConfig
+
+
+class ConfigError(DsTrainerError):
+    """One or more problems in the run config, all listed in one message."""
+
+
+@dataclass
+class ModelSection:
+    preset: str | None = "gpt2-tiny"
+    """A preset from ds_trainer.model.PRESETS (gpt2-tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl); null for a custom size."""
+    n_layer: int | None = None
+    """Number of blocks; overrides the preset's (required without a preset)."""
+    n_head: int | None = None
+    """Attention heads; overrides the preset's (required without a preset)."""
+    n_embd: int | None = None
+    """Residual width; overrides the preset's (required without a preset)."""
+    block_size: int | None = None
+    """Position-embedding length, the longest context the model takes; overrides the preset's."""
+    vocab_size: int | None = None
+    """Vocabulary size; defaults to GPT-2's 50257."""
+    dropout: float = 0.0
+    """Dropout probability (0 for pretraining at scale; try 0.1 on small corpora)."""
+    qkv_bias: bool = True
+    """Bias on the query/key/value projection."""
+    tie_embeddings: bool = True
+    """Tie the LM head to the token embedding."""
+
+
+@dataclass
+class DataSection:
+    path: str = ""
+    """Text to train on: a file, a folder (every *.txt below it) or a glob. Empty: the built-in corpus (no download)."""
+    context_length: int | None = None
+    """Tokens per training window; defaults to the model's block_size and may not exceed it."""
+    stride: int | None = None
+    """Tokens between the starts of consecutive windows; defaults to context_length (no overlap)."""
+    val_fraction: float = 0.1
+    """Share of the corpus (its last tokens) held out for validation; 0 disables evaluation."""
+
+
+@dataclass
+class TrainSection:
+    max_steps: int | None = None
+    """Optimizer steps to train for. Set this or epochs; with neither, 300 steps."""
+    epochs: float | None = None
+    """Passes over the training windows, converted to steps; an alternative to max_steps."""
+    seed: int = 1234
+    """Seed for weights, data order, dropout and sampling."""
+    micro_batch_size: int | None = None
+    """Windows per rank per forward pass; fills the JSON's "auto" train_micro_batch_size_per_gpu (default 4)."""
+    gradient_accumulation_steps: int | None = None
+    """Micro-batches per optimizer step; fills the JSON's "auto" gradient_accumulation_steps (default 1)."""
+    peak_lr: float | None = None
+    """Learning rate after warm-up; fills the optimizer's "auto" lr (default 6e-4)."""
+    initial_lr: float | None = None
+    """Learning rate at step 0, rising linearly to peak_lr over warmup_steps (default 0)."""
+    min_lr: float | None = None
+    """Learning rate at the end of the cosine decay (default peak_lr / 10)."""
+    warmup_steps: int | None = None
+    """Linear warm-up steps; fills the scheduler's "auto" warmup_num_steps (default: 10% of the steps, at least 2)."""
+
+
+@dataclass
+class EvalSection:
+    interval: int = 100
+    """Steps between evaluations (and at the last step); 0 disables evaluation."""
+    iters: int = 10
+    """Validation micro-batches per rank in one evaluation."""
+    sample_prompt: str = "The meaning of"
+    """Prompt continued by the model at each evaluation; empty disables sampling."""
+    sample_tokens: int = 32
+    """Tokens generated for the sample."""
+    temperature: float = 0.8
+    """Sampling temperature; 0 is greedy."""
+    top_k: int = 50
+    """Sample from the k most likely tokens; 0 for all."""
+
+
+@dataclass
+class CheckpointSection:
+    dir: str = "runs/default"
+    """The run's folder: DeepSpeed checkpoints (one sub-folder per save, `latest` naming the newest), and by
+    default TensorBoard events and metrics. A run resumes from the latest checkpoint found here."""
+    save_interval: int = 100
+    """Steps between checkpoints (one is always written at the end); 0 saves only at the end."""
+    resume: bool = True
+    """Resume from the latest checkpoint in dir when there is one."""
+
+
+@dataclass
+class LogSection:
+    interval: int = 10
+    """Steps between console lines and logged scalars."""
+    tensorboard_dir: str | None = None
+    """TensorBoard event folder; default <checkpoint.dir>/tb. Empty string disables TensorBoard."""
+    jsonl: str | None = None
+    """Metrics as JSON lines; default <checkpoint.dir>/metrics.jsonl. Empty string disables it."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    def gpt_config(self) -> GPTConfig:
+        m = self.model
+        sizes = {
+            k: getattr(m, k)
+            for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+            if getattr(m, k) is not None
+        }
+        extra = {"dropout": m.dropout, "qkv_bias": m.qkv_bias, "tie_embeddings": m.tie_embeddings}
+        if m.preset is not None:
+            return GPTConfig.from_preset(m.preset, **sizes, **extra)
+        return GPTConfig(**sizes, **extra)
+
+    @property
+    def context_length(self) -> int:
+        return self.data.context_length or self.gpt_config().block_size
+
+    @property
+    def stride(self) -> int:
+        return self.data.stride or self.context_length
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.checkpoint.dir)
+
+    @property
+    def tensorboard_dir(self) -> Path | None:
+        d = self.log.tensorboard_dir
+        return (self.run_dir / "tb") if d is None else (Path(d) if d else None)
+
+    @property
+    def jsonl_path(self) -> Path | None:
+        p = self.log.jsonl
+        return (self.run_dir / "metrics.jsonl") if p is None else (Path(p) if p else None)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(RunConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig)}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+_BAD = object()
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; ints widen to float, nothing else is converted.
+
+    A value of the wrong type is reported and returned as _BAD, so the field keeps its default and
+    the value checks can still run and report their own problems in the same message.
+    """
+    args = typing.get_args(tp)
+    optional = (typing.get_origin(tp) in (typing.Union, types.UnionType)) and type(None) in args
+    base = next((a for a in args if a is not type(None)), tp) if optional else tp
+    if value is None:
+        if optional:
+            return None
+        problems.append(f"{where}: null is not allowed, expected {base.__name__}")
+        return _BAD
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is int and isinstance(value, bool) or not isinstance(value, base):
+        problems.append(f"{where}: expected {base.__name__}, got {type(value).__name__} {value!r}")
+        return _BAD
+    return value
+
+
+def _parse_cli_value(raw: str, tp: Any) -> Any:
+    args = typing.get_args(tp)
+    base = next((a for a in args if a is not type(None)), tp) if args else tp
+    if raw.lower() in ("null", "none", "~"):
+        return None
+    if base is str:
+        return raw  # a path like "2024" or "yes" stays text
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def parse_overrides(argv: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Split `--section.key value` / `--section.key=value` pairs; returns raw values and problems."""
+    out: dict[str, dict[str, str]] = {}
+    problems: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            problems.append(f"unrecognised argument {arg!r}; overrides take the form --section.key value")
+            i += 1
+            continue
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(argv):
+            key, raw = arg[2:], argv[i + 1]
+            i += 2
+        else:
+            problems.append(f"{arg}: missing value")
+            i += 1
+            continue
+        section, _, name = key.partition(".")
+        out.setdefault(section, {})[name] = raw
+    return out, problems
+
+
+def load_run_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML file, then command-line overrides; every problem found is raised at once."""
+    problems: list[str] = []
+    raw: dict[str, Any] = {}
+    source = "run config"
+    if path:
+        source = path
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"run config {path} not found; pass an existing YAML file to --config")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(
+                f"run config {path}{where} is not valid YAML: {getattr(e, 'problem', e)}"
+            ) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"run config {path} must be a mapping of sections, got {type(raw).__name__}")
+
+    cli, cli_problems = parse_overrides(overrides or [])
+    problems += cli_problems
+    classes = _section_classes()
+    sections: dict[str, Any] = {}
+    for name, cls in classes.items():
+        types_ = _field_types(cls)
+        values: dict[str, Any] = {}
+        file_section = raw.get(name) or {}
+        if not isinstance(file_section, dict):
+            problems.append(
+                f"{source}: section '{name}' must be a mapping, got {type(file_section).__name__}"
+            )
+            file_section = {}
+        for key, value in file_section.items():
+            if key not in types_:
+                problems.append(f"{source}: unknown key '{name}.{key}'; known: {', '.join(types_)}")
+                continue
+            values[key] = _coerce(value, types_[key], f"{source}: {name}.{key}", problems)
+        for key, value in cli.get(name, {}).items():
+            if key not in types_:
+                problems.append(f"unknown option --{name}.{key}; known in '{name}': {', '.join(types_)}")
+                continue
+            values[key] = _coerce(
+                _parse_cli_value(value, types_[key]), types_[key], f"--{name}.{key}", problems
+            )
+        sections[name] = cls(**{k: v for k, v in values.items() if v is not _BAD})
+    for name in raw:
+        if name not in classes:
+            problems.append(f"{source}: unknown section '{name}'; known: {', '.join(classes)}")
+    for name in cli:
+        if name not in classes:
+            problems.append(f"unknown option section --{name}.*; known: {', '.join(classes)}")
+    cfg = RunConfig(**sections)
+    problems += value_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cfg
+
+
+def value_problems(cfg: RunConfig) -> list[str]:
+    """Value checks within and across fields; every problem found, as sentences naming the key."""
+    problems: list[str] = []
+    m, d, t, e, c, lg = cfg.model, cfg.data, cfg.train, cfg.eval, cfg.checkpoint, cfg.log
+    if m.preset is not None and m.preset not in PRESETS:
+        problems.append(f"model.preset {m.preset!r} is unknown; choose one of {', '.join(PRESETS)} or null")
+    elif m.preset is None:
+        for k in ("n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(m, k) is None:
+                problems.append(f"model.{k} is required when model.preset is null")
+    if not problems:
+        gpt = cfg.gpt_config()
+        problems += gpt.problems()
+        if d.context_length is not None and not 1 <= d.context_length <= gpt.block_size:
+            problems.append(
+                f"data.context_length {d.context_length} must be in [1, model block_size {gpt.block_size}]"
+            )
+    if d.stride is not None and d.stride < 1:
+        problems.append(f"data.stride must be >= 1, got {d.stride}")
+    if not 0.0 <= d.val_fraction < 1.0:
+        problems.append(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if t.max_steps is not None and t.epochs is not None:
+        problems.append("train.max_steps and train.epochs are both set; set one")
+    if t.max_steps is not None and t.max_steps < 1:
+        problems.append(f"train.max_steps must be >= 1, got {t.max_steps}")
+    if t.epochs is not None and t.epochs <= 0:
+        problems.append(f"train.epochs must be > 0, got {t.epochs}")
+    for k in ("micro_batch_size", "gradient_accumulation_steps", "warmup_steps"):
+        v = getattr(t, k)
+        if v is not None and v < 1:
+            problems.append(f"train.{k} must be >= 1, got {v}")
+    for k in ("peak_lr", "initial_lr", "min_lr"):
+        v = getattr(t, k)
+        if v is not None and v < 0:
+            problems.append(f"train.{k} must be >= 0, got {v}")
+    if t.peak_lr is not None and t.peak_lr == 0:
+        problems.append("train.peak_lr must be > 0")
+    for k, v in (
+        ("eval.interval", e.interval),
+        ("eval.sample_tokens", e.sample_tokens),
+        ("eval.top_k", e.top_k),
+        ("checkpoint.save_interval", c.save_interval),
+    ):
+        if v < 0:
+            problems.append(f"{k} must be >= 0, got {v}")
+    if e.iters < 1:
+        problems.append(f"eval.iters must be >= 1, got {e.iters}")
+    if lg.interval < 1:
+        problems.append(f"log.interval must be >= 1, got {lg.interval}")
+    if not c.dir:
+        problems.append("checkpoint.dir must not be empty")
+    return problems
+
+
+def dump(cfg: RunConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2)

@@ -1,0 +1,389 @@
+"""The DeepSpeed JSON: read it, fill its "auto" values from the run, and check it fits the device.
+
+The JSON stays in DeepSpeed's own format and DeepSpeed executes it. This module is the one place
+where derived values are computed: batch sizes, the learning rate, the schedule's step counts.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ds_trainer.config import RunConfig
+from ds_trainer.errors import DsTrainerError
+
+AUTO = "auto"
+DEFAULT_MICRO_BATCH = 4
+DEFAULT_PEAK_LR = 6e-4
+DEFAULT_STEPS = 300
+
+# Used when no --ds_config is given: plain data parallelism in fp32, which every device runs.
+DEFAULT_DS_CONFIG: dict[str, Any] = {
+    "train_batch_size": AUTO,
+    "train_micro_batch_size_per_gpu": AUTO,
+    "gradient_accumulation_steps": AUTO,
+    "gradient_clipping": 1.0,
+    "optimizer": {
+        "type": "AdamW",
+        "params": {"lr": AUTO, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1},
+    },
+    "scheduler": {
+        "type": "WarmupCosineLR",
+        "params": {
+            "total_num_steps": AUTO,
+            "warmup_num_steps": AUTO,
+            "warmup_min_ratio": AUTO,
+            "cos_min_ratio": AUTO,
+            "warmup_type": "linear",
+        },
+    },
+    "zero_optimization": {"stage": 0},
+    "steps_per_print": 1_000_000_000,
+}
+
+# Top-level keys DeepSpeed 0.19 reads. A key close to one of these is almost surely a typo that
+# DeepSpeed would silently ignore (e.g. "zero_optimisation" runs plain ZeRO-0).
+KNOWN_TOP_LEVEL_KEYS = frozenset(
+    [
+        "train_batch_size",
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "optimizer",
+        "scheduler",
+        "fp16",
+        "bf16",
+        "bfloat16",
+        "amp",
+        "torch_autocast",
+        "gradient_clipping",
+        "prescale_gradients",
+        "gradient_predivide_factor",
+        "sparse_gradients",
+        "zero_optimization",
+        "zero_allow_untested_optimizer",
+        "zero_force_ds_cpu_optimizer",
+        "activation_checkpointing",
+        "flops_profiler",
+        "tensorboard",
+        "wandb",
+        "csv_monitor",
+        "comet",
+        "comms_logger",
+        "steps_per_print",
+        "wall_clock_breakdown",
+        "dump_state",
+        "memory_breakdown",
+        "dataloader_drop_last",
+        "disable_allgather",
+        "communication_data_type",
+        "seq_parallel_communication_data_type",
+        "elasticity",
+        "autotuning",
+        "compression_training",
+        "data_efficiency",
+        "curriculum_learning",
+        "data_types",
+        "checkpoint",
+        "aio",
+        "nebula",
+        "pipeline",
+        "sparse_attention",
+        "progressive_layer_drop",
+        "eigenvalue",
+        "quantize_training",
+        "hybrid_engine",
+        "compile",
+        "weight_quantization",
+        "graph_harvesting",
+        "timers",
+        "gradient_allreduce_op",
+        "disable_python_gc",
+        "log_level",
+        "expert_parallel",
+        "use_data_before_expert_parallel_",
+        "zenflow",
+        "tensor_parallel",
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ResolvedDSConfig:
+    """The JSON with every "auto" filled in, and the figures derived on the way."""
+
+    config: dict[str, Any]
+    source: str
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    data_parallel_size: int
+    total_steps: int
+
+    @property
+    def train_batch_size(self) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.data_parallel_size
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.config.get("zero_optimization", {}).get("stage", 0))
+
+    @property
+    def fp16(self) -> bool:
+        return bool(self.config.get("fp16", {}).get("enabled", False))
+
+    @property
+    def bf16(self) -> bool:
+        return bool(self.config.get("bf16", self.config.get("bfloat16", {})).get("enabled", False))
+
+
+def load_ds_json(path: str | None) -> tuple[dict[str, Any], str]:
+    """The JSON as a dict and a name for messages; the built-in default when `path` is None."""
+    if path is None:
+        return copy.deepcopy(DEFAULT_DS_CONFIG), "built-in DeepSpeed config"
+    p = Path(path)
+    if not p.is_file():
+        raise DsTrainerError(f"DeepSpeed config {path} not found; pass an existing JSON file to --ds_config")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise DsTrainerError(
+            f"DeepSpeed config {path} line {e.lineno} column {e.colno} is not valid JSON: {e.msg}"
+        ) from None
+    if not isinstance(raw, dict):
+        raise DsTrainerError(f"DeepSpeed config {path} must be a JSON object, got {type(raw).__name__}")
+    return raw, path
+
+
+def _is_auto(v: Any) -> bool:
+    return v is None or v == AUTO
+
+
+def _pick(
+    json_value: Any, run_value: Any, default: Any, json_key: str, run_key: str, src: str, problems: list[str]
+) -> Any:
+    """JSON number, else run-config value, else default; a JSON number that the run config contradicts is a problem."""
+    if _is_auto(json_value):
+        return default if run_value is None else run_value
+    if run_value is not None and json_value != run_value:
+        problems.append(
+            f"{src}: {json_key}={json_value} disagrees with {run_key}={run_value}; "
+            f'set one of them, or "auto" in the JSON'
+        )
+    return json_value
+
+
+def _int_problem(v: Any, key: str, src: str) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        return f'{src}: {key} must be a positive integer or "auto", got {v!r}'
+    return None
+
+
+def resolve(
+    raw: dict[str, Any],
+    source: str,
+    run: RunConfig,
+    world_size: int,
+    num_train_samples: int,
+    accelerator: str,
+) -> ResolvedDSConfig:
+    """Fill every "auto" and check the whole JSON; raises DsTrainerError naming all problems at once."""
+    cfg = copy.deepcopy(raw)
+    problems: list[str] = []
+    t = run.train
+    dp = world_size
+
+    for key in cfg:
+        if key not in KNOWN_TOP_LEVEL_KEYS:
+            close = difflib.get_close_matches(key, KNOWN_TOP_LEVEL_KEYS, n=1, cutoff=0.8)
+            hint = f"did you mean '{close[0]}'?" if close else "DeepSpeed does not read it; remove it"
+            problems.append(f"{source}: unknown key '{key}'; {hint}")
+
+    # Batch sizes: micro × accumulation × data-parallel ranks = global batch.
+    micro = _pick(
+        cfg.get("train_micro_batch_size_per_gpu"),
+        t.micro_batch_size,
+        None,
+        "train_micro_batch_size_per_gpu",
+        "train.micro_batch_size",
+        source,
+        problems,
+    )
+    gas = _pick(
+        cfg.get("gradient_accumulation_steps"),
+        t.gradient_accumulation_steps,
+        None,
+        "gradient_accumulation_steps",
+        "train.gradient_accumulation_steps",
+        source,
+        problems,
+    )
+    tbs = cfg.get("train_batch_size")
+    for v, key in (
+        (micro, "train_micro_batch_size_per_gpu"),
+        (gas, "gradient_accumulation_steps"),
+        (None if _is_auto(tbs) else tbs, "train_batch_size"),
+    ):
+        if v is not None and (p := _int_problem(v, key, source)):
+            problems.append(p)
+    if problems:
+        raise DsTrainerError("; ".join(problems))
+    if not _is_auto(tbs):
+        # A fixed global batch lets DeepSpeed derive the missing factor; do the same, visibly.
+        if micro is None and gas is None:
+            micro = DEFAULT_MICRO_BATCH if tbs % (DEFAULT_MICRO_BATCH * dp) == 0 else 1
+        if gas is None:
+            gas = tbs // (micro * dp) if tbs % (micro * dp) == 0 else 0
+        elif micro is None:
+            micro = tbs // (gas * dp) if tbs % (gas * dp) == 0 else 0
+        if micro * gas * dp != tbs:
+            problems.append(
+                f"{source}: train_batch_size={tbs} is not micro batch {micro} × accumulation {gas} × "
+                f'{dp} data-parallel ranks; make train_batch_size a multiple of {dp} ranks or set it to "auto"'
+            )
+    micro = micro or DEFAULT_MICRO_BATCH
+    gas = gas or 1
+    cfg["train_micro_batch_size_per_gpu"] = micro
+    cfg["gradient_accumulation_steps"] = gas
+    cfg["train_batch_size"] = micro * gas * dp
+
+    # Steps: max_steps, or epochs over the training windows.
+    global_batch = micro * gas * dp
+    steps_per_epoch = num_train_samples // global_batch
+    if steps_per_epoch < 1:
+        problems.append(
+            f"the training split has {num_train_samples} windows, fewer than one global batch of {global_batch} "
+            f"(micro {micro} × accumulation {gas} × {dp} ranks); add text, lower data.context_length or the batch sizes"
+        )
+    if t.max_steps is not None:
+        total_steps = t.max_steps
+    elif t.epochs is not None:
+        total_steps = max(1, math.ceil(t.epochs * max(steps_per_epoch, 1)))
+    else:
+        total_steps = DEFAULT_STEPS
+
+    _resolve_optimizer_and_schedule(cfg, source, run, total_steps, problems)
+    problems += device_problems(cfg, source, accelerator)
+    if problems:
+        raise DsTrainerError("; ".join(problems))
+    return ResolvedDSConfig(cfg, source, micro, gas, dp, total_steps)
+
+
+def _resolve_optimizer_and_schedule(
+    cfg: dict[str, Any], source: str, run: RunConfig, total_steps: int, problems: list[str]
+) -> None:
+    t = run.train
+    opt = cfg.get("optimizer")
+    peak = t.peak_lr
+    if opt is not None:
+        params = opt.setdefault("params", {})
+        lr = params.get("lr", AUTO)
+        peak = _pick(lr, t.peak_lr, DEFAULT_PEAK_LR, "optimizer.params.lr", "train.peak_lr", source, problems)
+        params["lr"] = peak
+    elif peak is not None:
+        problems.append(
+            f"{source}: train.peak_lr is set but the JSON has no optimizer section to apply it to"
+        )
+    peak = peak or DEFAULT_PEAK_LR
+
+    seed_style = any(v is not None for v in (t.initial_lr, t.min_lr, t.warmup_steps))
+    sched = cfg.get("scheduler")
+    if sched is None:
+        if seed_style:
+            sched = cfg["scheduler"] = {"type": "WarmupCosineLR", "params": {}}
+        else:
+            return
+    if sched.get("type") != "WarmupCosineLR":
+        if seed_style:
+            problems.append(
+                f"{source}: train.initial_lr/min_lr/warmup_steps map onto WarmupCosineLR, but the JSON's scheduler is "
+                f"{sched.get('type')!r}; remove those keys or use WarmupCosineLR"
+            )
+        for key, value in sched.get("params", {}).items():
+            if value == AUTO:
+                problems.append(
+                    f'{source}: scheduler.params.{key} is "auto", which is filled only for WarmupCosineLR'
+                )
+        return
+    p = sched.setdefault("params", {})
+    initial = 0.0 if t.initial_lr is None else t.initial_lr
+    min_lr = peak / 10 if t.min_lr is None else t.min_lr
+    default_warmup = max(2, round(0.1 * total_steps))
+    if _is_auto(p.get("total_num_steps")):
+        p["total_num_steps"] = total_steps
+    p["warmup_num_steps"] = _pick(
+        p.get("warmup_num_steps", AUTO),
+        t.warmup_steps,
+        default_warmup,
+        "scheduler.params.warmup_num_steps",
+        "train.warmup_steps",
+        source,
+        problems,
+    )
+    for key, ratio, run_key, given in (
+        ("warmup_min_ratio", initial / peak, "train.initial_lr", t.initial_lr),
+        ("cos_min_ratio", min_lr / peak, "train.min_lr", t.min_lr),
+    ):
+        if _is_auto(p.get(key)):
+            p[key] = ratio
+        elif given is not None and not math.isclose(p[key], ratio, rel_tol=1e-9):
+            problems.append(
+                f"{source}: scheduler.params.{key}={p[key]} disagrees with {run_key}={given} "
+                f"(ratio {ratio:g} of peak lr {peak:g}); set one of them"
+            )
+    if seed_style and p.get("warmup_type", "linear") != "linear":
+        problems.append(
+            f"{source}: scheduler.params.warmup_type={p['warmup_type']!r}, but train.initial_lr/min_lr/warmup_steps "
+            'describe a linear warm-up; set warmup_type to "linear"'
+        )
+    p.setdefault("warmup_type", "linear")
+
+
+def device_problems(cfg: dict[str, Any], source: str, accelerator: str) -> list[str]:
+    """Settings this device or machine cannot run, found before DeepSpeed fails on them less clearly."""
+    problems = []
+    fp16 = bool(cfg.get("fp16", {}).get("enabled", False))
+    bf16 = bool(cfg.get("bf16", cfg.get("bfloat16", {})).get("enabled", False))
+    if fp16 and bf16:
+        problems.append(f"{source}: fp16.enabled and bf16.enabled are both true; enable one of them")
+    elif fp16 and accelerator == "cpu":
+        problems.append(
+            f"{source}: fp16.enabled=true, but DeepSpeed does not support fp16 on the CPU accelerator; "
+            "use a bf16 or fp32 config on CPU (e.g. ds_configs/zero1.json), and fp16 on a GPU"
+        )
+    zero = cfg.get("zero_optimization", {})
+    for section in ("offload_optimizer", "offload_param"):
+        off = zero.get(section) or {}
+        if off.get("device") == "nvme":
+            problems += _nvme_problems(off.get("nvme_path"), f"zero_optimization.{section}.nvme_path", source)
+    return problems
+
+
+def _nvme_problems(path: Any, key: str, source: str) -> list[str]:
+    if not path:
+        return [f"{source}: {key} is required for NVMe offload; set it to a folder on a fast local disk"]
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return [
+            f"{source}: {key}={path} is not writable ({e.strerror}); point it at a writable folder on a local disk"
+        ]
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        return [
+            f"{source}: NVMe offload needs libaio, which this machine lacks; install it (apt-get install libaio-dev)"
+        ]
+    return []
+
+
+def data_parallel_world_size() -> int:
+    """World size as the launcher announces it, known before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))

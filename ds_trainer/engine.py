@@ -1,0 +1,98 @@
+"""Process group and DeepSpeed engine: the one place that calls deepspeed.initialize."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import deepspeed
+import torch
+import torch.nn as nn
+from deepspeed.accelerator import get_accelerator
+
+from ds_trainer.ds_config import ResolvedDSConfig
+
+
+def accelerator_name() -> str:
+    return get_accelerator().device_name()
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group; a plain `python launch/pretrain.py` becomes a group of one."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+    # DeepSpeed's INFO lines repeat on every rank and drown the trainer's own log.
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    dist_backend = "gloo" if accelerator_name() == "cpu" else None
+    deepspeed.init_distributed(dist_backend=dist_backend)
+    if accelerator_name() != "cpu":
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def parameter_groups(model: nn.Module) -> list[dict]:
+    """Weight decay only on matrices of linear layers: biases, LayerNorm weights and embeddings get none."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue  # a tied weight belongs to the embedding that owns it first
+            seen.add(id(p))
+            if isinstance(module, nn.Linear) and name == "weight":
+                decay.append(p)
+            else:
+                no_decay.append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: nn.Module, ds: ResolvedDSConfig) -> deepspeed.DeepSpeedEngine:
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=parameter_groups(model), config=ds.config
+    )
+    # DeepSpeed applies the value of iteration -1 (lr 0) to the first update and the value of
+    # iteration 0 to the second, so two updates are lost at lr 0. Starting the schedule at 0
+    # makes step k use iteration k, which is what the schedule's formula describes.
+    if scheduler is not None and getattr(scheduler, "last_batch_iteration", None) == -1:
+        scheduler.step(0)
+    return engine
+
+
+def device() -> torch.device:
+    return torch.device(get_accelerator().current_device_name())
+
+
+# DeepSpeed JIT-compiles these on first use. Building them once up front keeps ranks from racing to
+# compile (and from leaving a stale lock behind when one is killed mid-build).
+PREBUILT_OPS = ("CPUAdamBuilder", "FusedAdamBuilder", "ShareMemCommBuilder", "AsyncIOBuilder")
+
+
+def build_ops(names: tuple[str, ...] = PREBUILT_OPS) -> dict[str, str]:
+    """Compile DeepSpeed's ops for this accelerator; returns each op's outcome ("built" or why not)."""
+    results = {}
+    for name in names:
+        builder = get_accelerator().create_op_builder(name)
+        if builder is None:
+            results[name] = "not used on this accelerator"
+        elif not builder.is_compatible(verbose=False):
+            results[name] = "not compatible here (missing system library?)"
+        else:
+            builder.load(verbose=False)
+            results[name] = "built"
+    return results
+
+
+def remove_stale_build_locks(extensions_dir: str) -> list[str]:
+    """Delete `lock` files left by a killed build; without this every later run waits on them forever."""
+    from pathlib import Path
+
+    removed = [str(p) for p in Path(extensions_dir).glob("*/*/lock")] + [
+        str(p) for p in Path(extensions_dir).glob("*/lock")
+    ]
+    for p in removed:
+        Path(p).unlink(missing_ok=True)
+    return removed

@@ -1,0 +1,189 @@
+"""The training loop: step, evaluate and sample, log, save. Everything it uses is built elsewhere."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import deepspeed.comm as dist
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from ds_trainer.checkpoint import Checkpointer, Progress
+from ds_trainer.data import GlobalBatchSampler, TokenWindows
+from ds_trainer.ds_config import ResolvedDSConfig
+from ds_trainer.metrics import Metrics, console_line, memory_scalars
+from ds_trainer.tokenizer import decode, get_encoding
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The loop's knobs, taken from the run config by the caller."""
+
+    total_steps: int
+    log_interval: int
+    eval_interval: int
+    eval_iters: int
+    save_interval: int
+    seed: int
+    sample_prompt: str
+    sample_tokens: int
+    temperature: float
+    top_k: int
+    resume: bool = True
+
+
+class Trainer:
+    def __init__(
+        self,
+        engine: Any,
+        ds: ResolvedDSConfig,
+        train_data: TokenWindows,
+        val_data: TokenWindows | None,
+        sampler: GlobalBatchSampler,
+        progress: Progress,
+        checkpointer: Checkpointer,
+        metrics: Metrics,
+        settings: LoopSettings,
+    ) -> None:
+        self.engine = engine
+        self.ds = ds
+        self.train_data = train_data
+        self.val_data = val_data
+        self.sampler = sampler
+        self.progress = progress
+        self.checkpointer = checkpointer
+        self.metrics = metrics
+        self.s = settings
+        self.device = torch.device(get_accelerator().current_device_name())
+        self.tokens_per_step = ds.train_batch_size * train_data.context_length
+        # Stage 0 in fp32 clips with torch and discards the norm, so the trainer measures it itself.
+        self._own_grad_norm = ds.zero_stage == 0 and not (ds.fp16 or ds.bf16)
+
+    def fit(self) -> None:
+        s, p = self.s, self.progress
+        resumed = self.checkpointer.resume(self.engine) if s.resume else None
+        if resumed:
+            self.metrics.print(f"resumed from {self.checkpointer.dir / resumed} at step {p.step}")
+        window_start, window_steps = time.perf_counter(), 0
+        session_start, session_steps = window_start, 0
+        while p.step < s.total_steps:
+            is_log = (p.step + 1) % s.log_interval == 0 or p.step + 1 == s.total_steps
+            lr = self.engine.get_lr()[0]
+            loss, grad_norm = self.train_step(want_grad_norm=is_log)
+            p.step += 1
+            p.tokens_seen += self.tokens_per_step
+            window_steps += 1
+            session_steps += 1
+            if is_log:
+                get_accelerator().synchronize()
+                now = time.perf_counter()
+                step_s = (now - window_start) / window_steps
+                eta = (now - session_start) / session_steps * (s.total_steps - p.step)
+                self._log_step(self._global_mean(loss), lr, grad_norm, step_s, eta)
+                window_start, window_steps = time.perf_counter(), 0
+            if (
+                self.val_data is not None
+                and s.eval_interval
+                and (p.step % s.eval_interval == 0 or p.step == s.total_steps)
+            ):
+                self._evaluate_and_sample()
+                window_start, window_steps = time.perf_counter(), 0  # keep eval time out of ms/step
+            if (s.save_interval and p.step % s.save_interval == 0) or p.step == s.total_steps:
+                self.checkpointer.save(self.engine, p.step)
+                window_start, window_steps = time.perf_counter(), 0
+
+    def train_step(self, want_grad_norm: bool) -> tuple[torch.Tensor, float | None]:
+        """One optimizer step over this rank's micro-batches: (mean loss on this rank, grad norm before clipping)."""
+        total = torch.zeros((), device=self.device)
+        manual_norm = None
+        micro_batches = self.sampler.next_step()
+        for idx in micro_batches:
+            x, y = (t.to(self.device, non_blocking=True) for t in self.train_data.batch(idx))
+            loss = self.engine(x, y)
+            self.engine.backward(loss)
+            if want_grad_norm and self._own_grad_norm and self.engine.is_gradient_accumulation_boundary():
+                manual_norm = self._grad_norm()
+            self.engine.step()
+            total += loss.detach().float()
+        if not want_grad_norm:
+            return total / len(micro_batches), None
+        norm = manual_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
+        return total / len(micro_batches), None if norm is None else float(norm)
+
+    def _grad_norm(self) -> float:
+        # Called after DeepSpeed's all-reduce at the boundary, so every rank holds the full averaged gradient.
+        sq = sum(
+            p.grad.detach().float().pow(2).sum()
+            for p in self.engine.module.parameters()
+            if p.grad is not None
+        )
+        return float(torch.as_tensor(sq).sqrt())
+
+    def _global_mean(self, value: torch.Tensor) -> float:
+        t = value.detach().float().clone()
+        dist.all_reduce(t)
+        return float(t) / dist.get_world_size()
+
+    def _log_step(self, loss: float, lr: float, grad_norm: float | None, step_s: float, eta_s: float) -> None:
+        p = self.progress
+        tok_s = self.tokens_per_step / step_s
+        scalars = {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/tokens_seen": float(p.tokens_seen),
+            "perf/tokens_per_sec": tok_s,
+            "perf/step_ms": step_s * 1000,
+            **memory_scalars(),
+        }
+        if grad_norm is not None:
+            scalars["train/grad_norm"] = grad_norm
+        if self.ds.fp16:
+            scalars["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
+        self.metrics.scalars(p.step, scalars)
+        self.metrics.print(
+            console_line(
+                p.step, self.s.total_steps, self.sampler.epoch + 1, loss, lr, step_s * 1000, tok_s, eta_s
+            )
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over eval_iters micro-batches per rank, the same windows every time."""
+        assert self.val_data is not None
+        self.engine.eval()
+        n, mb = len(self.val_data), self.ds.micro_batch_size
+        rank, world = dist.get_rank(), dist.get_world_size()
+        total = torch.zeros((), device=self.device)
+        for it in range(self.s.eval_iters):
+            start = (it * world + rank) * mb
+            x, y = (t.to(self.device) for t in self.val_data.batch([(start + j) % n for j in range(mb)]))
+            total += self.engine(x, y).float()
+        self.engine.train()
+        return self._global_mean(total / self.s.eval_iters)
+
+    @torch.no_grad()
+    def sample(self) -> str:
+        """Continue the prompt. Every rank generates (ZeRO-3 gathers weights collectively) with the same seed."""
+        prompt = get_encoding().encode_ordinary(self.s.sample_prompt)
+        self.engine.eval()
+        gen = torch.Generator(device=self.device).manual_seed(self.s.seed + self.progress.step)
+        ids = torch.tensor([prompt], device=self.device)
+        out = self.engine.module.generate(
+            ids, self.s.sample_tokens, self.s.temperature, self.s.top_k or None, gen
+        )
+        self.engine.train()
+        return decode(out[0].tolist())
+
+    def _evaluate_and_sample(self) -> None:
+        step = self.progress.step
+        val_loss = self.evaluate()
+        ppl = math.exp(min(val_loss, 50.0))
+        self.metrics.scalars(step, {"val/loss": val_loss, "val/perplexity": ppl})
+        self.metrics.print(f"eval step {step} | val loss {val_loss:.3f} | perplexity {ppl:,.1f}")
+        if self.s.sample_prompt and self.s.sample_tokens:
+            text = self.sample()
+            self.metrics.text(step, "samples/text", text)
+            self.metrics.print(f"sample step {step} | {text!r}")

@@ -1,0 +1,25 @@
+"""Compile DeepSpeed's C++ ops once, before any run (do it on every node image, and in CI).
+
+TORCH_EXTENSIONS_DIR=/path/to/cache python launch/build_ops.py
+"""
+
+import os
+import sys
+
+from ds_trainer.engine import build_ops, remove_stale_build_locks
+
+
+def main() -> int:
+    ext_dir = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if ext_dir:
+        for lock in remove_stale_build_locks(ext_dir):
+            print(f"removed stale build lock {lock}")
+    failed = False
+    for name, outcome in build_ops().items():
+        print(f"{name}: {outcome}")
+        failed |= outcome.startswith("not compatible") and name != "AsyncIOBuilder"
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ds_trainer",
+    version="0.1.0",
+    description="Pretrain GPT language models from scratch with DeepSpeed.",
+    packages=find_packages(include=["ds_trainer", "ds_trainer.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4,<=2.14.1",
+        "deepspeed==0.19.8",
+        "tiktoken>=0.7",
+        "tensorboard>=2.15",
+        "pyyaml>=6",
+        "psutil>=5.9",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        # transformers/safetensors: the GPT-2 equivalence test loads a Hugging Face model.
+        "test": ["pytest>=8", "transformers>=4.40", "safetensors>=0.4", "ruff>=0.6"],
+    },
+)
