@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,17 @@ from ds_trainer.model import PRESETS, GPTConfig
 
 class ConfigError(DsTrainerError):
     """One or more problems in the run config, all listed in one message."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads floats like 1e-5: YAML 1.1 wants a dot and would hand back a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 @dataclass
@@ -45,13 +57,17 @@ class ModelSection:
 @dataclass
 class DataSection:
     path: str = ""
-    """Text to train on: a file, a folder (every *.txt below it) or a glob. Empty: the built-in corpus (no download)."""
+    """What to train on: a folder made by launch/prepare_data.py (memory-mapped shards, any size), or text read
+    into memory: a file, a folder (every *.txt below it) or a glob. Empty: the built-in corpus (no download)."""
+    mixture: dict[str, float] | None = None
+    """Several datasets with weights, e.g. {data/web: 0.7, data/books: 0.3}; each path as in data.path. Replaces path."""
     context_length: int | None = None
     """Tokens per training window; defaults to the model's block_size and may not exceed it."""
     stride: int | None = None
     """Tokens between the starts of consecutive windows; defaults to context_length (no overlap)."""
     val_fraction: float = 0.1
-    """Share of the corpus (its last tokens) held out for validation; 0 disables evaluation."""
+    """Share of a text corpus (its last tokens) held out for validation; 0 disables evaluation. Prepared
+    folders bring the validation split made at preparation instead."""
 
 
 @dataclass
@@ -74,6 +90,14 @@ class TrainSection:
     """Learning rate at the end of the cosine decay (default peak_lr / 10)."""
     warmup_steps: int | None = None
     """Linear warm-up steps; fills the scheduler's "auto" warmup_num_steps (default: 10% of the steps, at least 2)."""
+    rampup_start_batch: int | None = None
+    """Batch-size ramp-up: the global batch (in windows) at the start, growing linearly to the configured one.
+    A multiple of micro_batch_size × ranks. With a ramp-up, max_steps and the learning-rate schedule count
+    steps of the full batch, so the schedule follows samples seen, not optimizer steps."""
+    rampup_samples: int | None = None
+    """Windows over which the batch grows to its full size (set this or rampup_tokens)."""
+    rampup_tokens: int | None = None
+    """Tokens over which the batch grows to its full size (set this or rampup_samples)."""
 
 
 @dataclass
@@ -134,6 +158,17 @@ class RunConfig:
             return GPTConfig.from_preset(m.preset, **sizes, **extra)
         return GPTConfig(**sizes, **extra)
 
+    def data_sources(self) -> dict[str, float]:
+        """Path → weight for every dataset of the run (one, unless data.mixture is set)."""
+        return dict(self.data.mixture) if self.data.mixture else {self.data.path: 1.0}
+
+    @property
+    def rampup_samples(self) -> int | None:
+        t = self.train
+        if t.rampup_tokens is not None:
+            return -(-t.rampup_tokens // self.context_length)
+        return t.rampup_samples
+
     @property
     def context_length(self) -> int:
         return self.data.context_length or self.gpt_config().block_size
@@ -184,8 +219,17 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     if value is None:
         if optional:
             return None
-        problems.append(f"{where}: null is not allowed, expected {base.__name__}")
+        problems.append(f"{where}: null is not allowed, expected {getattr(base, '__name__', base)}")
         return _BAD
+    if typing.get_origin(base) is dict:  # only dict[str, float] is used: a mapping of names to weights
+        ok = isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+            for k, v in value.items()
+        )
+        if not ok:
+            problems.append(f"{where}: expected a mapping of path: weight, got {value!r}")
+            return _BAD
+        return {k: float(v) for k, v in value.items()}
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if base is int and isinstance(value, bool) or not isinstance(value, base):
@@ -196,13 +240,16 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
 
 def _parse_cli_value(raw: str, tp: Any) -> Any:
     args = typing.get_args(tp)
+    optional = type(None) in args
     base = next((a for a in args if a is not type(None)), tp) if args else tp
+    if base is str and not optional:
+        return raw  # a path like "2024", or a prompt like "none", stays text
     if raw.lower() in ("null", "none", "~"):
         return None
     if base is str:
-        return raw  # a path like "2024" or "yes" stays text
+        return raw
     try:
-        return yaml.safe_load(raw)
+        return yaml.load(raw, Loader=_Loader)
     except yaml.YAMLError:
         return raw
 
@@ -244,7 +291,7 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None)
         if not p.is_file():
             raise ConfigError(f"run config {path} not found; pass an existing YAML file to --config")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.load(p.read_text(), Loader=_Loader) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
@@ -310,6 +357,27 @@ def value_problems(cfg: RunConfig) -> list[str]:
             problems.append(
                 f"data.context_length {d.context_length} must be in [1, model block_size {gpt.block_size}]"
             )
+    if d.mixture is not None:
+        if d.path:
+            problems.append("data.path and data.mixture are both set; list every dataset in data.mixture")
+        if not d.mixture:
+            problems.append("data.mixture is empty; give at least one path: weight")
+        for path, w in d.mixture.items():
+            if w <= 0:
+                problems.append(f"data.mixture weight of {path!r} must be > 0, got {w}")
+    if t.rampup_start_batch is not None:
+        if t.rampup_start_batch < 1:
+            problems.append(f"train.rampup_start_batch must be >= 1, got {t.rampup_start_batch}")
+        if (t.rampup_samples is None) == (t.rampup_tokens is None):
+            problems.append(
+                "train.rampup_start_batch needs exactly one of train.rampup_samples or train.rampup_tokens"
+            )
+    elif t.rampup_samples is not None or t.rampup_tokens is not None:
+        problems.append("train.rampup_samples/rampup_tokens need train.rampup_start_batch")
+    for k in ("rampup_samples", "rampup_tokens"):
+        v = getattr(t, k)
+        if v is not None and v < 1:
+            problems.append(f"train.{k} must be >= 1, got {v}")
     if d.stride is not None and d.stride < 1:
         problems.append(f"data.stride must be >= 1, got {d.stride}")
     if not 0.0 <= d.val_fraction < 1.0:

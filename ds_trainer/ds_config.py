@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ds_trainer.config import RunConfig
+from ds_trainer.data.sampler import BatchRampup
 from ds_trainer.errors import DsTrainerError
 
 AUTO = "auto"
@@ -124,10 +125,23 @@ class ResolvedDSConfig:
     gradient_accumulation_steps: int
     data_parallel_size: int
     total_steps: int
+    """Optimizer steps the run takes."""
+    schedule_steps: int
+    """Length of the run in steps of the full global batch; equals total_steps unless the batch ramps up."""
+    rampup_start_batch: int | None = None
+    rampup_samples: int = 0
 
     @property
     def train_batch_size(self) -> int:
         return self.micro_batch_size * self.gradient_accumulation_steps * self.data_parallel_size
+
+    def batch_schedule(self) -> BatchRampup:
+        return BatchRampup(
+            self.train_batch_size,
+            self.micro_batch_size * self.data_parallel_size,
+            self.rampup_start_batch,
+            self.rampup_samples,
+        )
 
     @property
     def zero_stage(self) -> int:
@@ -269,9 +283,22 @@ def resolve(
 
     _resolve_optimizer_and_schedule(cfg, source, run, total_steps, problems)
     problems += device_problems(cfg, source, accelerator)
+    start = t.rampup_start_batch
+    optimizer_steps = total_steps
+    if start is not None:
+        if start % (micro * dp) or start >= global_batch:
+            problems.append(
+                f"train.rampup_start_batch={start} must be a multiple of micro batch {micro} × {dp} ranks and below "
+                f"the global batch {global_batch}"
+            )
+        else:
+            ramp = BatchRampup(global_batch, micro * dp, start, run.rampup_samples or 0)
+            optimizer_steps = ramp.steps_for(total_steps * global_batch)
     if problems:
         raise DsTrainerError("; ".join(problems))
-    return ResolvedDSConfig(cfg, source, micro, gas, dp, total_steps)
+    return ResolvedDSConfig(
+        cfg, source, micro, gas, dp, optimizer_steps, total_steps, start, run.rampup_samples or 0
+    )
 
 
 def _resolve_optimizer_and_schedule(
@@ -357,14 +384,25 @@ def device_problems(cfg: dict[str, Any], source: str, accelerator: str) -> list[
             "use a bf16 or fp32 config on CPU (e.g. ds_configs/zero1.json), and fp16 on a GPU"
         )
     zero = cfg.get("zero_optimization", {})
+    nvme = False
     for section in ("offload_optimizer", "offload_param"):
         off = zero.get(section) or {}
         if off.get("device") == "nvme":
-            problems += _nvme_problems(off.get("nvme_path"), f"zero_optimization.{section}.nvme_path", source)
+            nvme = True
+            problems += _nvme_path_problems(
+                off.get("nvme_path"), f"zero_optimization.{section}.nvme_path", source
+            )
+    if nvme:
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+
+        if not AsyncIOBuilder().is_compatible(verbose=False):
+            problems.append(
+                f"{source}: NVMe offload needs libaio, which this machine lacks; install it (apt-get install libaio-dev)"
+            )
     return problems
 
 
-def _nvme_problems(path: Any, key: str, source: str) -> list[str]:
+def _nvme_path_problems(path: Any, key: str, source: str) -> list[str]:
     if not path:
         return [f"{source}: {key} is required for NVMe offload; set it to a folder on a fast local disk"]
     try:
@@ -374,12 +412,6 @@ def _nvme_problems(path: Any, key: str, source: str) -> list[str]:
     except OSError as e:
         return [
             f"{source}: {key}={path} is not writable ({e.strerror}); point it at a writable folder on a local disk"
-        ]
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    if not AsyncIOBuilder().is_compatible(verbose=False):
-        return [
-            f"{source}: NVMe offload needs libaio, which this machine lacks; install it (apt-get install libaio-dev)"
         ]
     return []
 

@@ -11,7 +11,7 @@ import torch
 from ds_trainer import __version__
 from ds_trainer.checkpoint import Checkpointer, Progress
 from ds_trainer.config import RunConfig
-from ds_trainer.data import GlobalBatchSampler, text_datasets
+from ds_trainer.data import GlobalBatchSampler, SampleStream, build_datasets
 from ds_trainer.ds_config import data_parallel_world_size, load_ds_json, resolve
 from ds_trainer.engine import accelerator_name, build_engine, init_distributed
 from ds_trainer.metrics import Metrics
@@ -31,11 +31,11 @@ def pretrain(run: RunConfig, ds_config_path: str | None) -> None:
     # so a bad input stops every rank with the same message instead of leaving peers waiting.
     raw, source = load_ds_json(ds_config_path)
     gpt_config = run.gpt_config()
-    train_data, val_data = text_datasets(
-        run.data.path, run.context_length, run.stride, run.data.val_fraction, gpt_config.vocab_size
+    train_data, val_data, weights = build_datasets(
+        run.data_sources(), run.context_length, run.stride, run.data.val_fraction, gpt_config.vocab_size
     )
     world = data_parallel_world_size()
-    ds = resolve(raw, source, run, world, len(train_data), accelerator_name())
+    ds = resolve(raw, source, run, world, sum(train_data.sizes()), accelerator_name())
 
     init_distributed()
     rank = int(os.environ["RANK"])
@@ -44,9 +44,8 @@ def pretrain(run: RunConfig, ds_config_path: str | None) -> None:
     engine = build_engine(model, ds)
     seed_everything(run.train.seed + 1 + rank)  # different dropout draws per rank
 
-    sampler = GlobalBatchSampler(
-        len(train_data), ds.micro_batch_size, ds.gradient_accumulation_steps, rank, world, run.train.seed
-    )
+    stream = SampleStream(train_data.sizes(), weights, run.train.seed)
+    sampler = GlobalBatchSampler(stream, ds.micro_batch_size, rank, world)
     progress = Progress()
     metrics = Metrics.for_rank(rank, run.tensorboard_dir, run.jsonl_path)
     configs = {
@@ -75,7 +74,7 @@ def pretrain(run: RunConfig, ds_config_path: str | None) -> None:
     )
     metrics.print(
         f"ds_trainer {__version__} | {gpt_config.n_layer} layers, {model.num_parameters():,} parameters | "
-        f"{len(train_data):,} train windows of {run.context_length} | ZeRO-{ds.zero_stage} on {world} rank(s), "
+        f"{sum(train_data.sizes()):,} train windows of {run.context_length} | ZeRO-{ds.zero_stage} on {world} rank(s), "
         f"global batch {ds.train_batch_size} = {ds.micro_batch_size} x {ds.gradient_accumulation_steps} x {world} | "
         f"{ds.total_steps} steps"
     )

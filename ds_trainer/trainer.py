@@ -12,7 +12,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from ds_trainer.checkpoint import Checkpointer, Progress
-from ds_trainer.data import GlobalBatchSampler, TokenWindows
+from ds_trainer.data import GlobalBatchSampler, WindowSet
 from ds_trainer.ds_config import ResolvedDSConfig
 from ds_trainer.metrics import Metrics, console_line, memory_scalars
 from ds_trainer.tokenizer import decode, get_encoding
@@ -40,8 +40,8 @@ class Trainer:
         self,
         engine: Any,
         ds: ResolvedDSConfig,
-        train_data: TokenWindows,
-        val_data: TokenWindows | None,
+        train_data: WindowSet,
+        val_data: WindowSet | None,
         sampler: GlobalBatchSampler,
         progress: Progress,
         checkpointer: Checkpointer,
@@ -58,7 +58,7 @@ class Trainer:
         self.metrics = metrics
         self.s = settings
         self.device = torch.device(get_accelerator().current_device_name())
-        self.tokens_per_step = ds.train_batch_size * train_data.context_length
+        self.batch_schedule = ds.batch_schedule()
         # Stage 0 in fp32 clips with torch and discards the norm, so the trainer measures it itself.
         self._own_grad_norm = ds.zero_stage == 0 and not (ds.fp16 or ds.bf16)
 
@@ -67,46 +67,72 @@ class Trainer:
         resumed = self.checkpointer.resume(self.engine) if s.resume else None
         if resumed:
             self.metrics.print(f"resumed from {self.checkpointer.dir / resumed} at step {p.step}")
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
         session_start, session_steps = window_start, 0
         while p.step < s.total_steps:
             is_log = (p.step + 1) % s.log_interval == 0 or p.step + 1 == s.total_steps
             lr = self.engine.get_lr()[0]
-            loss, grad_norm = self.train_step(want_grad_norm=is_log)
+            global_batch = self.batch_schedule.global_batch(self.sampler.consumed)
+            loss, grad_norm = self.train_step(global_batch, want_grad_norm=is_log)
             p.step += 1
-            p.tokens_seen += self.tokens_per_step
+            p.tokens_seen += global_batch * self.train_data.context_length
             window_steps += 1
+            window_tokens += global_batch * self.train_data.context_length
             session_steps += 1
             if is_log:
                 get_accelerator().synchronize()
                 now = time.perf_counter()
                 step_s = (now - window_start) / window_steps
                 eta = (now - session_start) / session_steps * (s.total_steps - p.step)
-                self._log_step(self._global_mean(loss), lr, grad_norm, step_s, eta)
-                window_start, window_steps = time.perf_counter(), 0
+                self._log_step(
+                    self._global_mean(loss),
+                    lr,
+                    grad_norm,
+                    step_s,
+                    window_tokens / (now - window_start),
+                    global_batch,
+                    eta,
+                )
+                window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
             if (
                 self.val_data is not None
                 and s.eval_interval
                 and (p.step % s.eval_interval == 0 or p.step == s.total_steps)
             ):
                 self._evaluate_and_sample()
-                window_start, window_steps = time.perf_counter(), 0  # keep eval time out of ms/step
+                window_start, window_steps, window_tokens = (
+                    time.perf_counter(),
+                    0,
+                    0,
+                )  # keep eval out of ms/step
             if (s.save_interval and p.step % s.save_interval == 0) or p.step == s.total_steps:
                 self.checkpointer.save(self.engine, p.step)
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
 
-    def train_step(self, want_grad_norm: bool) -> tuple[torch.Tensor, float | None]:
-        """One optimizer step over this rank's micro-batches: (mean loss on this rank, grad norm before clipping)."""
+    def train_step(self, global_batch: int, want_grad_norm: bool) -> tuple[torch.Tensor, float | None]:
+        """One optimizer step of `global_batch` windows over all ranks.
+
+        Returns this rank's mean loss and, if asked, the gradient norm before clipping.
+        """
+        micro_per_rank = self.ds.micro_batch_size * self.ds.data_parallel_size
+        if global_batch != self.engine.train_batch_size():  # batch ramp-up: DeepSpeed changes accumulation
+            self.engine.set_train_batch_size(global_batch)
+        lr_kwargs = None
+        if self.ds.rampup_start_batch is not None:
+            # The schedule counts full-batch steps: after this step, samples seen / full batch of them.
+            lr_kwargs = {
+                "last_batch_iteration": (self.sampler.consumed + global_batch) / self.ds.train_batch_size
+            }
         total = torch.zeros((), device=self.device)
         manual_norm = None
-        micro_batches = self.sampler.next_step()
-        for idx in micro_batches:
-            x, y = (t.to(self.device, non_blocking=True) for t in self.train_data.batch(idx))
+        micro_batches = self.sampler.next_step(global_batch // micro_per_rank)
+        for ids in micro_batches:
+            x, y = (t.to(self.device, non_blocking=True) for t in self.train_data.batch(ids))
             loss = self.engine(x, y)
             self.engine.backward(loss)
             if want_grad_norm and self._own_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 manual_norm = self._grad_norm()
-            self.engine.step()
+            self.engine.step(lr_kwargs=lr_kwargs)
             total += loss.detach().float()
         if not want_grad_norm:
             return total / len(micro_batches), None
@@ -127,13 +153,22 @@ class Trainer:
         dist.all_reduce(t)
         return float(t) / dist.get_world_size()
 
-    def _log_step(self, loss: float, lr: float, grad_norm: float | None, step_s: float, eta_s: float) -> None:
+    def _log_step(
+        self,
+        loss: float,
+        lr: float,
+        grad_norm: float | None,
+        step_s: float,
+        tok_s: float,
+        batch: int,
+        eta_s: float,
+    ) -> None:
         p = self.progress
-        tok_s = self.tokens_per_step / step_s
         scalars = {
             "train/loss": loss,
             "train/lr": lr,
             "train/tokens_seen": float(p.tokens_seen),
+            "train/global_batch": float(batch),
             "perf/tokens_per_sec": tok_s,
             "perf/step_ms": step_s * 1000,
             **memory_scalars(),
@@ -154,12 +189,11 @@ class Trainer:
         """Mean validation loss over eval_iters micro-batches per rank, the same windows every time."""
         assert self.val_data is not None
         self.engine.eval()
-        n, mb = len(self.val_data), self.ds.micro_batch_size
-        rank, world = dist.get_rank(), dist.get_world_size()
+        mb, rank, world = self.ds.micro_batch_size, dist.get_rank(), dist.get_world_size()
         total = torch.zeros((), device=self.device)
         for it in range(self.s.eval_iters):
-            start = (it * world + rank) * mb
-            x, y = (t.to(self.device) for t in self.val_data.batch([(start + j) % n for j in range(mb)]))
+            ids = self.val_data.eval_ids((it * world + rank) * mb, mb)
+            x, y = (t.to(self.device) for t in self.val_data.batch(ids))
             total += self.engine(x, y).float()
         self.engine.train()
         return self._global_mean(total / self.s.eval_iters)

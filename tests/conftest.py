@@ -75,11 +75,11 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}
 
 
-def tiny_args(run_dir: Path, data: Path, steps: int = 20, **extra: object) -> list[str]:
+def tiny_args(run_dir: Path, data: Path | None, steps: int = 20, **extra: object) -> list[str]:
     """A fast gpt2-tiny run: short context, logging every step, no eval unless asked."""
     opts = {
         "model.preset": "gpt2-tiny",
-        "data.path": str(data),
+        **({} if data is None else {"data.path": str(data)}),
         "data.context_length": 32,
         "train.max_steps": steps,
         "train.micro_batch_size": 2,

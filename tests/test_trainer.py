@@ -162,7 +162,7 @@ def test_lr_follows_seed_style_schedule(tmp_path, verdict_path):
 def test_clipping_applies_clipped_update_and_logs_raw_norm(stage, process_group, verdict_path):
     from ds_trainer.checkpoint import Checkpointer, Progress
     from ds_trainer.config import load_run_config
-    from ds_trainer.data import GlobalBatchSampler, text_datasets
+    from ds_trainer.data import GlobalBatchSampler, SampleStream, build_datasets
     from ds_trainer.ds_config import resolve
     from ds_trainer.engine import build_engine
     from ds_trainer.metrics import Metrics
@@ -172,7 +172,7 @@ def test_clipping_applies_clipped_update_and_logs_raw_norm(stage, process_group,
     run = load_run_config(
         None, ["--data.context_length", "32", "--train.micro_batch_size", "2", "--train.max_steps", "1"]
     )
-    train, _ = text_datasets(str(verdict_path), 32, 32, 0.1, 50257)
+    train, _, _ = build_datasets({str(verdict_path): 1.0}, 32, 32, 0.1, 50257)
     lr = 0.5
     raw = {
         "train_batch_size": "auto",
@@ -183,14 +183,14 @@ def test_clipping_applies_clipped_update_and_logs_raw_norm(stage, process_group,
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
     }
-    ds = resolve(raw, "test", run, 1, len(train), "cpu")
+    ds = resolve(raw, "test", run, 1, sum(train.sizes()), "cpu")
     torch.manual_seed(0)
     model = GPT(run.gpt_config())
     reference = GPT(run.gpt_config())
     reference.load_state_dict(model.state_dict())
     before = {k: v.detach().clone() for k, v in reference.named_parameters()}
     engine = build_engine(model, ds)
-    sampler = GlobalBatchSampler(len(train), 2, 1, 0, 1, seed=0)
+    sampler = GlobalBatchSampler(SampleStream(train.sizes(), None, seed=0), 2, 0, 1)
     settings = LoopSettings(1, 1, 0, 1, 0, 0, "", 0, 1.0, 0)
     trainer = Trainer(
         engine,
@@ -203,8 +203,8 @@ def test_clipping_applies_clipped_update_and_logs_raw_norm(stage, process_group,
         Metrics([], console=False),
         settings,
     )
-    batch_indices = GlobalBatchSampler(len(train), 2, 1, 0, 1, seed=0).next_step()[0]
-    _, grad_norm = trainer.train_step(want_grad_norm=True)
+    batch_indices = GlobalBatchSampler(SampleStream(train.sizes(), None, seed=0), 2, 0, 1).next_step(1)[0]
+    _, grad_norm = trainer.train_step(2, want_grad_norm=True)
 
     x, y = train.batch(batch_indices)
     reference(x, y).backward()
@@ -297,3 +297,66 @@ def test_default_run_loss_falls(tmp_path):
     assert steps[-1] >= 200
     assert got[steps[-1]] < got[steps[0]] - 2.0, got
     assert "eval step" in proc.stdout and "sample step" in proc.stdout
+
+
+@pytest.mark.slow
+def test_two_rank_run_resumes_on_one_rank_with_the_remaining_samples(tmp_path, verdict_path):
+    """Same global batch (2 ranks × micro 2, then 1 rank × micro 2 × accumulation 2): the data position
+    carries over, so the losses after the switch equal those of a run that never switched."""
+    ds = str(fp32(tmp_path / "ds.json", "zero0"))
+    full, switched = tmp_path / "full", tmp_path / "switched"
+    ok(run_pretrain(["--ds_config", ds, *tiny_args(full, verdict_path, 10)], ranks=2))
+    ok(
+        run_pretrain(
+            ["--ds_config", ds, *tiny_args(switched, verdict_path, 10, **{"checkpoint.save_interval": 5})],
+            ranks=2,
+        )
+    )
+    shutil.rmtree(switched / "step_00000010")
+    (switched / "latest").write_text("step_00000005")
+    proc = run_pretrain(
+        [
+            "--ds_config",
+            ds,
+            *tiny_args(switched, verdict_path, 10, **{"train.gradient_accumulation_steps": 2}),
+        ],
+        ranks=0,
+    )
+    ok(proc)
+    assert "at step 5" in proc.stdout
+    a, b = losses(full), losses(switched)
+    np.testing.assert_allclose([b[s] for s in range(6, 11)], [a[s] for s in range(6, 11)], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_batch_rampup_on_a_mixture(tmp_path, verdict_path):
+    """The global batch grows 2 → 8 over 24 windows; the schedule counts full-batch steps of samples seen."""
+    from conftest import DATA
+
+    mixture = f"{{{verdict_path}: 0.7, {DATA / 'tinyshakespeare.txt'}: 0.3}}"
+    args = tiny_args(
+        tmp_path / "run",
+        None,
+        6,
+        **{
+            "data.mixture": mixture,
+            "train.micro_batch_size": 2,
+            "train.gradient_accumulation_steps": 4,
+            "train.rampup_start_batch": 2,
+            "train.rampup_samples": 24,
+            "train.warmup_steps": 2,
+            "train.peak_lr": 1e-3,
+            "train.min_lr": 1e-4,
+        },
+    )
+    proc = run_pretrain(["--ds_config", str(fp32(tmp_path / "ds.json", "zero0")), *args], ranks=0)
+    ok(proc)
+    metrics = [m for m in read_metrics(tmp_path / "run") if "train/loss" in m]
+    batches = [int(m["train/global_batch"]) for m in metrics]
+    consumed = np.cumsum([0, *batches])
+    assert batches[0] == 2 and batches[-1] == 8 and batches == sorted(batches)
+    assert consumed[-2] < 6 * 8 <= consumed[-1]  # ends once 6 full batches of samples are seen
+    assert [m["train/tokens_seen"] for m in metrics] == [int(c) * 32 for c in consumed[1:]]
+    for m, seen in zip(metrics, consumed[:-1], strict=True):
+        k = seen / 8
+        assert m["train/lr"] == pytest.approx(ds_formula_lr(k, 1e-3, 6, 2, 0.0, 0.1), rel=1e-9, abs=1e-12)

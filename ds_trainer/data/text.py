@@ -5,14 +5,16 @@ from __future__ import annotations
 import glob
 import importlib
 import inspect
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ds_trainer.data.shards import TokenShards
 from ds_trainer.errors import DsTrainerError
 
-# Docstrings of these standard-library modules make the built-in corpus: ~470 KB of English that
+# Docstrings of these standard-library modules make the built-in corpus: ~410 KB of English that
 # every Python install carries, so the default run needs no download.
 _BUILTIN_MODULES = [
     "abc",
@@ -112,7 +114,10 @@ def builtin_corpus() -> list[str]:
         except ImportError:  # a trimmed Python may lack one; the corpus is still plenty
             continue
         parts = [inspect.getdoc(module) or ""]
-        for attr, obj in sorted(vars(module).items()):
+        with warnings.catch_warnings():  # typing's deprecated io/re namespaces warn when touched
+            warnings.simplefilter("ignore", DeprecationWarning)
+            members = sorted(vars(module).items())
+        for attr, obj in members:
             if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
                 continue
             if inspect.isclass(obj) or inspect.isfunction(obj):
@@ -165,10 +170,13 @@ def split_train_val(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray
 
 
 class TokenWindows:
-    """Windows of context_length+1 tokens every `stride` tokens; item i is (inputs, next-token targets)."""
+    """Windows of context_length+1 tokens every `stride` tokens; item i is (inputs, next-token targets).
 
-    def __init__(self, tokens: np.ndarray, context_length: int, stride: int) -> None:
-        self.tokens = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
+    `tokens` is anything sliceable into a NumPy array: an in-memory array or memory-mapped TokenShards.
+    """
+
+    def __init__(self, tokens: np.ndarray | TokenShards, context_length: int, stride: int) -> None:
+        self.tokens = tokens
         self.context_length = context_length
         self.stride = stride
         n = len(tokens) - (context_length + 1)
@@ -179,40 +187,37 @@ class TokenWindows:
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = i * self.stride
-        w = self.tokens[start : start + self.context_length + 1]
+        w = torch.from_numpy(self.tokens[start : start + self.context_length + 1].astype(np.int64))
         return w[:-1], w[1:]
 
-    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = zip(*(self[i] for i in indices), strict=True)
+
+class WindowSet:
+    """One or more TokenWindows (a mixture's datasets); samples are addressed as (dataset, window)."""
+
+    def __init__(self, parts: list[TokenWindows], names: list[str]) -> None:
+        self.parts = parts
+        self.names = names
+        self.context_length = parts[0].context_length
+
+    def sizes(self) -> list[int]:
+        return [len(p) for p in self.parts]
+
+    def batch(self, ids: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*(self.parts[d][w] for d, w in ids), strict=True)
         return torch.stack(xs), torch.stack(ys)
 
+    def eval_ids(self, start: int, count: int) -> list[tuple[int, int]]:
+        """Validation samples start…start+count, taken round-robin over the datasets, wrapping around."""
+        out, d_count = [], len(self.parts)
+        for i in range(start, start + count):
+            d = i % d_count
+            out.append((d, (i // d_count) % len(self.parts[d])))
+        return out
 
-def text_datasets(
-    path: str, context_length: int, stride: int, val_fraction: float, vocab_size: int
-) -> tuple[TokenWindows, TokenWindows | None]:
-    """Tokenise the corpus and cut it into train and validation windows; fails clearly on too little text."""
-    from ds_trainer.tokenizer import encode_documents, get_encoding
 
-    n_vocab = get_encoding().n_vocab
-    if vocab_size < n_vocab:
-        raise DsTrainerError(
-            f"model.vocab_size {vocab_size} is smaller than the GPT-2 tokenizer's {n_vocab} tokens; set it to >= {n_vocab}"
-        )
+def text_tokens(path: str, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenise a small corpus in memory: (train tokens, validation tokens), the latter its last `val_fraction`."""
+    from ds_trainer.tokenizer import encode_documents
+
     tokens = np.asarray(encode_documents(load_text_documents(path)), dtype=np.int64)
-    train, val = split_train_val(tokens, val_fraction)
-    where = f"data.path {path}" if path else "the built-in corpus"
-    window = context_length + 1
-    if len(train) < window:
-        raise DsTrainerError(
-            f"{where} gives {len(train)} training tokens, fewer than one window of context_length+1 = {window}; "
-            "add text or lower --data.context_length"
-        )
-    if val_fraction == 0:
-        return TokenWindows(train, context_length, stride), None
-    if len(val) < window:
-        raise DsTrainerError(
-            f"{where}: the validation split (data.val_fraction={val_fraction}) has {len(val)} tokens, fewer than one "
-            f"window of {window}; raise data.val_fraction, lower data.context_length, or set data.val_fraction 0"
-        )
-    # Validation windows never overlap: each token is scored once.
-    return TokenWindows(train, context_length, stride), TokenWindows(val, context_length, context_length)
+    return split_train_val(tokens, val_fraction)

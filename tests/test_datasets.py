@@ -1,0 +1,105 @@
+"""From data settings to window sets: text in memory, prepared shards memory-mapped, and their errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ds_trainer.data import TokenShards, build_datasets, is_prepared
+from ds_trainer.errors import DsTrainerError
+from ds_trainer.tokenizer import encode_documents, identity
+
+
+def n_windows(n_tokens: int, context: int, stride: int) -> int:
+    return max(0, (n_tokens - context - 1) // stride + 1)
+
+
+def write_prepared(folder, splits: dict[str, list[np.ndarray]], tokenizer: dict | None = None) -> None:
+    """Shards and metadata in the format launch/prepare_data.py writes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, shards in splits.items():
+        entries = []
+        for i, arr in enumerate(shards):
+            name = f"{split}_{i:06d}.bin"
+            arr.astype(np.uint16).tofile(folder / name)
+            entries.append({"file": name, "tokens": len(arr), "sha256": ""})
+        tokens = sum(len(a) for a in shards)
+        meta = {
+            "format": "ds_trainer.tokens.v1",
+            "split": split,
+            "dtype": "uint16",
+            "tokens": tokens,
+            "documents": 1,
+            "shards": entries,
+            "tokenizer": tokenizer or identity(),
+            "max_token_id": int(max((a.max() for a in shards if len(a)), default=0)),
+        }
+        (folder / f"{split}.json").write_text(json.dumps(meta))
+
+
+def test_text_source_splits_train_and_validation(verdict_path):
+    train, val, weights = build_datasets({str(verdict_path): 1.0}, 32, 16, 0.1, 50257)
+    tokens = encode_documents([verdict_path.read_text(encoding="utf-8")])
+    n_val = int(len(tokens) * 0.1)
+    assert weights == [1.0]
+    assert train.sizes() == [n_windows(len(tokens) - n_val, 32, 16)]
+    assert val.sizes() == [n_windows(n_val, 32, 32)]  # validation windows never overlap
+    assert train.parts[0][0][0].tolist() == tokens[:32]
+    assert val.parts[0][0][0].tolist() == tokens[len(tokens) - n_val :][:32]
+    _, no_val, _ = build_datasets({str(verdict_path): 1.0}, 64, 64, 0.0, 50257)
+    assert no_val is None
+
+
+def test_text_source_errors(tmp_path, verdict_path):
+    short = tmp_path / "short.txt"
+    short.write_text("hello world")
+    with pytest.raises(DsTrainerError, match="fewer than one window of context_length\\+1 = 33"):
+        build_datasets({str(short): 1.0}, 32, 32, 0.0, 50257)
+    with pytest.raises(DsTrainerError, match="validation split .* fewer than one window"):
+        build_datasets({str(verdict_path): 1.0}, 32, 32, 0.001, 50257)
+    with pytest.raises(DsTrainerError, match="model.vocab_size 1000 is smaller than .* 50257"):
+        build_datasets({str(verdict_path): 1.0}, 32, 32, 0.1, 1000)
+
+
+def test_prepared_shards_read_as_one_sequence(tmp_path):
+    shards = [np.arange(0, 10), np.arange(10, 25), np.arange(25, 31)]
+    write_prepared(tmp_path / "ds", {"train": shards, "val": [np.arange(100, 140)]})
+    assert is_prepared(tmp_path / "ds") and not is_prepared(tmp_path)
+    seq = TokenShards(tmp_path / "ds", "train", identity(), 50257)
+    assert len(seq) == 31
+    assert seq[8:27].tolist() == list(range(8, 27))  # crosses two shard boundaries
+    assert seq[10:25].tolist() == list(range(10, 25))
+    train, val, _ = build_datasets({str(tmp_path / "ds"): 1.0}, 4, 4, 0.5, 50257)
+    assert train.sizes() == [n_windows(31, 4, 4)]
+    x, y = train.batch([(0, 2)])
+    assert x.tolist() == [[8, 9, 10, 11]] and y.tolist() == [[9, 10, 11, 12]]
+    assert val.sizes() == [n_windows(40, 4, 4)]  # a prepared folder brings its own validation split
+
+
+def test_prepared_shards_refuse_other_tokenizer_vocab_and_broken_files(tmp_path):
+    other = {**identity(), "ranks_sha256": "0" * 64, "name": "cl100k_base"}
+    write_prepared(tmp_path / "tok", {"train": [np.arange(50)], "val": [np.arange(0)]}, tokenizer=other)
+    with pytest.raises(DsTrainerError, match="made with tokenizer cl100k_base.*prepare the data again"):
+        build_datasets({str(tmp_path / "tok"): 1.0}, 4, 4, 0.0, 50257)
+    write_prepared(tmp_path / "big", {"train": [np.array([1, 2, 60000, 3, 4, 5])], "val": [np.arange(0)]})
+    with pytest.raises(DsTrainerError, match="token id 60000 is beyond the model's vocabulary of 50257"):
+        build_datasets({str(tmp_path / "big"): 1.0}, 4, 4, 0.0, 50257)
+    write_prepared(tmp_path / "cut", {"train": [np.arange(50), np.arange(50)], "val": [np.arange(0)]})
+    with open(tmp_path / "cut" / "train_000001.bin", "r+b") as f:
+        f.truncate(30)
+    with pytest.raises(DsTrainerError, match="train_000001.bin: expected 50 tokens .* found 30 bytes"):
+        build_datasets({str(tmp_path / "cut"): 1.0}, 4, 4, 0.0, 50257)
+    write_prepared(tmp_path / "tiny", {"train": [np.arange(3)], "val": [np.arange(0)]})
+    with pytest.raises(DsTrainerError, match="train split\\) has 3 tokens, fewer than one window"):
+        build_datasets({str(tmp_path / "tiny"): 1.0}, 4, 4, 0.0, 50257)
+
+
+def test_mixture_of_a_prepared_folder_and_text(tmp_path, verdict_path):
+    write_prepared(tmp_path / "ds", {"train": [np.arange(400)], "val": [np.arange(0)]})
+    train, val, weights = build_datasets(
+        {str(tmp_path / "ds"): 0.7, str(verdict_path): 0.3}, 8, 8, 0.1, 50257
+    )
+    assert weights == [0.7, 0.3] and len(train.sizes()) == 2
+    assert val.sizes() == [n_windows(int(5146 * 0.1), 8, 8)]  # only the text source has a validation split
