@@ -101,6 +101,18 @@ class TrainSection:
 
 
 @dataclass
+class PipelineSection:
+    stages: int = 1
+    """Pipeline stages the model is cut into (1: no pipeline). Ranks / stages must be whole; each pipeline
+    is one data-parallel replica. DeepSpeed's pipeline engine works with ZeRO 0 and 1."""
+    partition: str = "parameters"
+    """How blocks are spread over stages: parameters (balanced by parameter count), uniform (by layer count),
+    or blocks:a,b,... (transformer blocks per stage; the embedding goes with the first, the head with the last)."""
+    micro_batches: int | None = None
+    """Micro-batches per step in the pipeline schedule; the same number as train.gradient_accumulation_steps."""
+
+
+@dataclass
 class EvalSection:
     interval: int = 100
     """Steps between evaluations (and at the last step); 0 disables evaluation."""
@@ -142,6 +154,7 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
@@ -378,6 +391,21 @@ def value_problems(cfg: RunConfig) -> list[str]:
         v = getattr(t, k)
         if v is not None and v < 1:
             problems.append(f"train.{k} must be >= 1, got {v}")
+    pp = cfg.pipeline
+    if pp.stages < 1:
+        problems.append(f"pipeline.stages must be >= 1, got {pp.stages}")
+    if pp.micro_batches is not None:
+        if pp.micro_batches < 1:
+            problems.append(f"pipeline.micro_batches must be >= 1, got {pp.micro_batches}")
+        elif t.gradient_accumulation_steps not in (None, pp.micro_batches):
+            problems.append(
+                f"pipeline.micro_batches={pp.micro_batches} and train.gradient_accumulation_steps="
+                f"{t.gradient_accumulation_steps} are the same setting; give one"
+            )
+    if pp.stages > 1 and t.rampup_start_batch is not None:
+        problems.append("train.rampup_start_batch is not supported with pipeline.stages > 1")
+    if pp.stages > 1 and not problems and pp.stages > cfg.gpt_config().n_layer:
+        problems.append(f"pipeline.stages {pp.stages} exceeds model.n_layer {cfg.gpt_config().n_layer}")
     if d.stride is not None and d.stride < 1:
         problems.append(f"data.stride must be >= 1, got {d.stride}")
     if not 0.0 <= d.val_fraction < 1.0:

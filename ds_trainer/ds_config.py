@@ -130,6 +130,7 @@ class ResolvedDSConfig:
     """Length of the run in steps of the full global batch; equals total_steps unless the batch ramps up."""
     rampup_start_batch: int | None = None
     rampup_samples: int = 0
+    pipeline_stages: int = 1
 
     @property
     def train_batch_size(self) -> int:
@@ -210,7 +211,12 @@ def resolve(
     cfg = copy.deepcopy(raw)
     problems: list[str] = []
     t = run.train
-    dp = world_size
+    stages = run.pipeline.stages
+    if world_size % stages:
+        raise DsTrainerError(
+            f"{world_size} ranks cannot be cut into pipeline.stages={stages}; use a number of ranks divisible by it"
+        )
+    dp = world_size // stages
 
     for key in cfg:
         if key not in KNOWN_TOP_LEVEL_KEYS:
@@ -230,10 +236,10 @@ def resolve(
     )
     gas = _pick(
         cfg.get("gradient_accumulation_steps"),
-        t.gradient_accumulation_steps,
+        t.gradient_accumulation_steps or run.pipeline.micro_batches,
         None,
         "gradient_accumulation_steps",
-        "train.gradient_accumulation_steps",
+        "train.gradient_accumulation_steps" if t.gradient_accumulation_steps else "pipeline.micro_batches",
         source,
         problems,
     )
@@ -283,6 +289,12 @@ def resolve(
 
     _resolve_optimizer_and_schedule(cfg, source, run, total_steps, problems)
     problems += device_problems(cfg, source, accelerator)
+    stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+    if stages > 1 and stage > 1:
+        problems.append(
+            f"{source}: zero_optimization.stage={stage} with pipeline.stages={stages}; DeepSpeed's pipeline engine "
+            "supports ZeRO 0 and 1 (e.g. ds_configs/zero1.json)"
+        )
     start = t.rampup_start_batch
     optimizer_steps = total_steps
     if start is not None:
@@ -297,7 +309,7 @@ def resolve(
     if problems:
         raise DsTrainerError("; ".join(problems))
     return ResolvedDSConfig(
-        cfg, source, micro, gas, dp, optimizer_steps, total_steps, start, run.rampup_samples or 0
+        cfg, source, micro, gas, dp, optimizer_steps, total_steps, start, run.rampup_samples or 0, stages
     )
 
 
@@ -416,6 +428,6 @@ def _nvme_path_problems(path: Any, key: str, source: str) -> list[str]:
     return []
 
 
-def data_parallel_world_size() -> int:
+def launcher_world_size() -> int:
     """World size as the launcher announces it, known before any process group exists."""
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -12,6 +12,7 @@ import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
 
 from ds_trainer.ds_config import ResolvedDSConfig
+from ds_trainer.model import GPT, GPTConfig
 
 
 def accelerator_name() -> str:
@@ -48,6 +49,39 @@ def parameter_groups(model: nn.Module) -> list[dict]:
             else:
                 no_decay.append(p)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_model(config: GPTConfig, ds: ResolvedDSConfig, partition: str = "parameters") -> nn.Module:
+    """The GPT as the DeepSpeed config wants it built.
+
+    Under ZeRO-3 the model is constructed inside zero.Init, so each rank only ever allocates its own
+    partition (DeepSpeed gathers a module's parameters around `apply`, which our initialisation uses).
+    With pipeline stages it is a GPTPipeline holding only this rank's stage. A JSON
+    `activation_checkpointing` section turns on per-block recomputation, tuned by that section.
+    """
+    checkpoint_blocks = "activation_checkpointing" in ds.config
+    if checkpoint_blocks:
+        deepspeed.checkpointing.configure(None, deepspeed_config=ds.config)
+    if ds.pipeline_stages > 1:
+        from ds_trainer.pipeline import GPTPipeline
+
+        return GPTPipeline(config, ds.pipeline_stages, partition, checkpoint_blocks)
+    if ds.zero_stage == 3:
+        with deepspeed.zero.Init(config_dict_or_path=ds.config):
+            model = GPT(config)
+    else:
+        model = GPT(config)
+    if checkpoint_blocks:
+        model.checkpoint_fn = deepspeed.checkpointing.checkpoint
+    return model
+
+
+def data_parallel_coords(engine: deepspeed.DeepSpeedEngine) -> tuple[int, int]:
+    """(rank, size) of this process among the data-parallel replicas; pipeline stages share one."""
+    grid = getattr(engine, "grid", None)
+    if grid is not None:
+        return grid.data_parallel_id, grid.data_parallel_size
+    return engine.global_rank, engine.world_size
 
 
 def build_engine(model: nn.Module, ds: ResolvedDSConfig) -> deepspeed.DeepSpeedEngine:

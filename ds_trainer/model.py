@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -65,6 +67,33 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
     "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
 }
+
+
+def init_gpt_weights(root: nn.Module, prefix: str, n_layer: int, skip: tuple[nn.Module, ...] = ()) -> None:
+    """GPT-2 initialisation, drawn per module from a generator keyed by the module's name and torch's seed.
+
+    Keying by name (wte, h.3.mlp.c_fc, ...) gives a module the same weights whoever builds it: the
+    whole model, one pipeline stage, or every rank under ZeRO-3 (where DeepSpeed gathers each module's
+    parameters around `apply`).
+    """
+    base = torch.initial_seed()
+    names = {id(m): name for name, m in root.named_modules(prefix=prefix)}
+
+    def init(module: nn.Module) -> None:
+        if module in skip or not isinstance(module, nn.Linear | nn.Embedding) or module.weight.is_meta:
+            return  # meta tensors (shape-only models for planning) hold no values to draw
+        key = hashlib.blake2b(f"{base}:{names[id(module)]}".encode(), digest_size=8).digest()
+        gen = torch.Generator(device=module.weight.device).manual_seed(int.from_bytes(key, "little") >> 1)
+        std = 0.02
+        # GPT-2 scales the projections that write into the residual stream so that its variance does
+        # not grow with depth (two such writes per block).
+        if getattr(module, "is_residual_projection", False):
+            std = 0.02 / math.sqrt(2 * n_layer)
+        nn.init.normal_(module.weight, mean=0.0, std=std, generator=gen)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    root.apply(init)
 
 
 class CausalSelfAttention(nn.Module):
@@ -132,24 +161,15 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            std = 0.02
-            # GPT-2 scales the projections that write into the residual stream so that its
-            # variance does not grow with depth (two such writes per block).
-            if getattr(module, "is_residual_projection", False):
-                std = 0.02 / math.sqrt(2 * self.config.n_layer)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        self.checkpoint_fn: Callable | None = None
+        """Set (e.g. to deepspeed.checkpointing.checkpoint) to recompute each block in backward."""
+        init_gpt_weights(self, "", config.n_layer, skip=(self.lm_head,) if config.tie_embeddings else ())
 
     def num_parameters(self, exclude_position_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if exclude_position_embedding else n
+        # Under ZeRO-3 a parameter's own tensor is empty; ds_numel keeps its full size.
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())
+        wpe = self.wpe.weight
+        return n - getattr(wpe, "ds_numel", wpe.numel()) if exclude_position_embedding else n
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         t = input_ids.size(1)
@@ -158,7 +178,7 @@ class GPT(nn.Module):
         pos = torch.arange(t, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
         for block in self.h:
-            x = block(x)
+            x = self.checkpoint_fn(block, x) if self.checkpoint_fn and self.training else block(x)
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits

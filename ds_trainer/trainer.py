@@ -10,12 +10,14 @@ from typing import Any
 import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.pipe.engine import PipelineEngine
 
+from ds_trainer import pipeline
 from ds_trainer.checkpoint import Checkpointer, Progress
 from ds_trainer.data import GlobalBatchSampler, WindowSet
 from ds_trainer.ds_config import ResolvedDSConfig
 from ds_trainer.metrics import Metrics, console_line, memory_scalars
-from ds_trainer.tokenizer import decode, get_encoding
+from ds_trainer.tokenizer import EOT_ID, decode, get_encoding
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,10 @@ class Trainer:
         self.s = settings
         self.device = torch.device(get_accelerator().current_device_name())
         self.batch_schedule = ds.batch_schedule()
-        # Stage 0 in fp32 clips with torch and discards the norm, so the trainer measures it itself.
-        self._own_grad_norm = ds.zero_stage == 0 and not (ds.fp16 or ds.bf16)
+        self.is_pipeline = isinstance(engine, PipelineEngine)
+        # Stage 0 in fp32 clips with torch and discards the norm, so the trainer measures it itself
+        # (not across pipeline stages, which each hold part of the gradient: there the norm is not logged).
+        self._own_grad_norm = ds.zero_stage == 0 and not (ds.fp16 or ds.bf16) and not self.is_pipeline
 
     def fit(self) -> None:
         s, p = self.s, self.progress
@@ -123,9 +127,13 @@ class Trainer:
             lr_kwargs = {
                 "last_batch_iteration": (self.sampler.consumed + global_batch) / self.ds.train_batch_size
             }
+        micro_batches = self.sampler.next_step(global_batch // micro_per_rank)
+        if self.is_pipeline:
+            loss = pipeline.train_step(self.engine, [self.train_data.batch(ids) for ids in micro_batches])
+            norm = self.engine.get_global_grad_norm() if want_grad_norm else None
+            return loss, None if norm is None else float(norm)
         total = torch.zeros((), device=self.device)
         manual_norm = None
-        micro_batches = self.sampler.next_step(global_batch // micro_per_rank)
         for ids in micro_batches:
             x, y = (t.to(self.device, non_blocking=True) for t in self.train_data.batch(ids))
             loss = self.engine(x, y)
@@ -189,11 +197,18 @@ class Trainer:
         """Mean validation loss over eval_iters micro-batches per rank, the same windows every time."""
         assert self.val_data is not None
         self.engine.eval()
-        mb, rank, world = self.ds.micro_batch_size, dist.get_rank(), dist.get_world_size()
+        mb, rank, world = self.ds.micro_batch_size, self.sampler.rank, self.sampler.world_size
+        batches = [
+            self.val_data.batch(self.val_data.eval_ids((it * world + rank) * mb, mb))
+            for it in range(self.s.eval_iters)
+        ]
+        if self.is_pipeline:
+            loss = pipeline.eval_loss(self.engine, batches)
+            self.engine.train()
+            return float(loss)
         total = torch.zeros((), device=self.device)
-        for it in range(self.s.eval_iters):
-            ids = self.val_data.eval_ids((it * world + rank) * mb, mb)
-            x, y = (t.to(self.device) for t in self.val_data.batch(ids))
+        for x, y in batches:
+            x, y = x.to(self.device), y.to(self.device)
             total += self.engine(x, y).float()
         self.engine.train()
         return self._global_mean(total / self.s.eval_iters)
@@ -204,6 +219,20 @@ class Trainer:
         prompt = get_encoding().encode_ordinary(self.s.sample_prompt)
         self.engine.eval()
         gen = torch.Generator(device=self.device).manual_seed(self.s.seed + self.progress.step)
+        if self.is_pipeline:
+            out = pipeline.generate(
+                self.engine,
+                prompt,
+                self.s.sample_tokens,
+                self.train_data.context_length,
+                self.ds.micro_batch_size,
+                self.s.temperature,
+                self.s.top_k or None,
+                gen,
+                pad_id=EOT_ID,
+            )
+            self.engine.train()
+            return decode(out)
         ids = torch.tensor([prompt], device=self.device)
         out = self.engine.module.generate(
             ids, self.s.sample_tokens, self.s.temperature, self.s.top_k or None, gen

@@ -263,3 +263,28 @@ def test_none_stays_text_for_plain_text_fields():
         ).model.preset
         is None
     )
+
+
+def test_mixture_and_rampup_settings(tmp_path):
+    cfg = load_run_config(None, ["--data.mixture", "{data/web: 7, data/books: 3}"])
+    assert cfg.data_sources() == {"data/web": 7.0, "data/books": 3.0}
+    assert load_run_config(None, ["--data.path", "x.txt"]).data_sources() == {"x.txt": 1.0}
+    cfg = load_run_config(
+        None,
+        ["--train.rampup_start_batch", "8", "--train.rampup_tokens", "1000", "--data.context_length", "64"],
+    )
+    assert cfg.rampup_samples == 16  # ceil(1000 / 64)
+    with pytest.raises(ConfigError) as e:
+        load_run_config(
+            None, ["--data.mixture", "{a: 0, b: x}", "--data.path", "c.txt", "--train.rampup_samples", "10"]
+        )
+    msg = str(e.value)
+    assert "--data.mixture: expected a mapping of path: weight" in msg
+    assert "train.rampup_samples/rampup_tokens need train.rampup_start_batch" in msg
+    with pytest.raises(ConfigError) as e:
+        load_run_config(
+            None, ["--data.mixture", "{a: 0}", "--data.path", "c.txt", "--train.rampup_start_batch", "4"]
+        )
+    msg = str(e.value)
+    assert "data.path and data.mixture are both set" in msg and "weight of 'a' must be > 0" in msg
+    assert "needs exactly one of train.rampup_samples or train.rampup_tokens" in msg

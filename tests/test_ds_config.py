@@ -302,3 +302,38 @@ def test_shipped_json_resolves(path, accelerator):
     assert r.zero_stage == int(path.stem[4])
     assert r.fp16 == is_fp16(raw) and r.fp16 != r.bf16
     assert raw == json.loads(path.read_text())  # resolve works on a copy
+
+
+# --- batch ramp-up ----------------------------------------------------------------------------------------
+
+
+def test_rampup_counts_optimizer_steps_and_checks_the_start_batch():
+    cfg = run(
+        "--train.micro_batch_size",
+        "2",
+        "--train.gradient_accumulation_steps",
+        "4",
+        "--train.max_steps",
+        "10",
+        "--train.rampup_start_batch",
+        "4",
+        "--train.rampup_samples",
+        "40",
+    )
+    r = do_resolve(run_cfg=cfg, world=2)
+    assert r.train_batch_size == 16 and r.schedule_steps == 10
+    assert r.config["scheduler"]["params"]["total_num_steps"] == 10  # the schedule counts full-batch steps
+    assert r.total_steps == r.batch_schedule().steps_for(160) > 10
+    bad = run(
+        "--train.micro_batch_size",
+        "2",
+        "--train.rampup_start_batch",
+        "3",
+        "--train.rampup_samples",
+        "40",
+        "--train.gradient_accumulation_steps",
+        "4",
+    )
+    assert "train.rampup_start_batch=3 must be a multiple of micro batch 2 × 2 ranks" in resolve_error(
+        run_cfg=bad, world=2
+    )

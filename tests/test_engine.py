@@ -69,3 +69,82 @@ def test_frozen_parameters_are_left_out():
     model.wpe.weight.requires_grad_(False)
     decay, no_decay = parameter_groups(model)
     assert all(p is not model.wpe.weight for p in decay["params"] + no_decay["params"])
+
+
+@pytest.mark.slow
+def test_zero3_ranks_hold_only_their_partition_from_construction(tmp_path):
+    import json
+    import subprocess
+
+    from conftest import REPO, fp32, free_port
+
+    figures = {}
+    for base in ("zero0", "zero3"):
+        out = tmp_path / base
+        ds = fp32(tmp_path / f"{base}.json", base)
+        cmd = [
+            "deepspeed",
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(REPO / "tests" / "probes" / "zero_memory.py"),
+            str(out),
+            str(ds),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        figures[base] = [json.loads((tmp_path / f"{base}.rank{r}").read_text()) for r in (0, 1)]
+    for rank in figures["zero3"]:
+        assert rank["partitioned_at_construction"]
+        assert rank["param_elements_held"] <= rank["param_elements_full"] / 2 * 1.01
+    for rank in figures["zero0"]:
+        assert not rank["partitioned_at_construction"]
+        assert rank["param_elements_held"] == rank["param_elements_full"]
+    ratio = (
+        figures["zero3"][0]["model_and_optimizer_bytes"] / figures["zero0"][0]["model_and_optimizer_bytes"]
+    )
+    assert 0.4 < ratio < 0.65, (
+        figures
+    )  # about half: parameters, gradients' home and Adam states all split in two
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_same_numbers_less_memory():
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "activation_checkpointing_memory.py"),
+        "--context",
+        "1024",
+        "--n_layer",
+        "6",
+        "--micro",
+        "2",
+        "--json",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["loss_diff"] <= 1e-5 and result["grad_norm_rel_diff"] <= 1e-5
+    assert result["ratio"] < 0.9, result
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_trains_to_the_same_losses(tmp_path, verdict_path):
+    import numpy as np
+    from conftest import fp32, losses, run_pretrain, tiny_args
+
+    got = {}
+    for base in ("zero1", "zero1_activation_checkpointing"):
+        ds = fp32(tmp_path / f"{base}.json", base)
+        proc = run_pretrain(["--ds_config", str(ds), *tiny_args(tmp_path / base, verdict_path, 8)], ranks=0)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got[base] = losses(tmp_path / base)
+    a, b = got["zero1"], got["zero1_activation_checkpointing"]
+    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], atol=1e-5, rtol=0)

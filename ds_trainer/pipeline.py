@@ -1,0 +1,185 @@
+"""The GPT as a DeepSpeed pipeline: the same modules and weights as ds_trainer.model, cut into stages.
+
+Layers: embedding (token + position), the blocks, the final LayerNorm, the LM head. With tied
+embeddings the head is the embedding layer again (a TiedLayerSpec), so the first and last stage
+share that weight and DeepSpeed all-reduces its gradient between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import deepspeed
+import deepspeed.comm as dist
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+from ds_trainer.errors import DsTrainerError
+from ds_trainer.model import Block, GPTConfig, init_gpt_weights
+
+
+class EmbeddingPipe(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(input_ids.size(1), device=input_ids.device)
+        return self.drop(self.wte(input_ids) + self.wpe(pos))
+
+
+def _tied_head(embedding: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, embedding.wte.weight)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+def parse_partition(method: str, n_layer: int, stages: int) -> str | list[int]:
+    """ "parameters", "uniform", or "blocks:a,b,…" (transformer blocks per stage) as layer boundaries."""
+    if method in ("parameters", "uniform"):
+        return method
+    if method.startswith("blocks:"):
+        try:
+            counts = [int(c) for c in method[len("blocks:") :].split(",")]
+        except ValueError:
+            counts = []
+        if len(counts) != stages or sum(counts) != n_layer or min(counts, default=0) < 1:
+            raise DsTrainerError(
+                f"pipeline.partition {method!r} must list {stages} positive block counts summing to {n_layer} "
+                f"(e.g. blocks:{','.join(str(n_layer // stages + (i < n_layer % stages)) for i in range(stages))})"
+            )
+        bounds, acc = [0], 1  # the embedding goes with the first stage
+        for c in counts[:-1]:
+            acc += c
+            bounds.append(acc)
+        return bounds + [n_layer + 3]  # the last stage also takes the final LayerNorm and the head
+    raise DsTrainerError(
+        f"pipeline.partition {method!r} is unknown; use parameters, uniform or blocks:a,b,..."
+    )
+
+
+class GPTPipeline(PipelineModule):
+    """PipelineModule that also accepts explicit layer boundaries, and initialises like the plain GPT."""
+
+    def __init__(self, cfg: GPTConfig, stages: int, partition: str, checkpoint_blocks: bool) -> None:
+        self._explicit_bounds = None
+        method = parse_partition(partition, cfg.n_layer, stages)
+        if isinstance(method, list):
+            self._explicit_bounds, method = method, "uniform"
+        if cfg.tie_embeddings:
+            first = TiedLayerSpec("embed", EmbeddingPipe, cfg, tied_weight_attr="wte.weight")
+            last = TiedLayerSpec(
+                "embed", EmbeddingPipe, cfg, forward_fn=_tied_head, tied_weight_attr="wte.weight"
+            )
+        else:
+            first = LayerSpec(EmbeddingPipe, cfg)
+            last = LayerSpec(nn.Linear, cfg.n_embd, cfg.vocab_size, bias=False)
+        layers = [
+            first,
+            *(LayerSpec(Block, cfg) for _ in range(cfg.n_layer)),
+            LayerSpec(nn.LayerNorm, cfg.n_embd),
+            last,
+        ]
+        super().__init__(
+            layers=layers,
+            num_stages=stages,
+            loss_fn=lm_loss,
+            partition_method=method,
+            activation_checkpoint_interval=1 if checkpoint_blocks else 0,
+            checkpointable_layers=["Block"],
+        )
+        self._init_like_gpt(cfg)
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        if self._explicit_bounds is None:
+            return super()._partition_layers(method)
+        self.parts = self._explicit_bounds
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    def _init_like_gpt(self, cfg: GPTConfig) -> None:
+        """Give each local layer the weights the plain GPT draws for the module of the same name."""
+        for key, module in self.tied_modules.items():
+            if key == "embed":
+                init_gpt_weights(module, "", cfg.n_layer)
+        for idx in range(self._local_start, self._local_stop):
+            module = getattr(self, str(idx), None)
+            if module is None:
+                continue
+            if idx == 0:
+                init_gpt_weights(module, "", cfg.n_layer)
+            elif idx <= cfg.n_layer:
+                init_gpt_weights(module, f"h.{idx - 1}", cfg.n_layer)
+            elif idx == cfg.n_layer + 2:
+                init_gpt_weights(module, "lm_head", cfg.n_layer)
+
+
+def train_step(
+    engine: deepspeed.PipelineEngine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """One optimizer step; DeepSpeed runs the 1F1B schedule and returns the mean loss on every stage."""
+    return engine.train_batch(iter(micro_batches))
+
+
+def eval_loss(
+    engine: deepspeed.PipelineEngine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    return engine.eval_batch(iter(micro_batches), num_micro_batches=len(micro_batches))
+
+
+@torch.no_grad()
+def generate(
+    engine: deepspeed.PipelineEngine,
+    prompt: list[int],
+    max_new_tokens: int,
+    context_length: int,
+    micro_batch_size: int,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator,
+    pad_id: int,
+) -> list[int]:
+    """Sampling through the stages. Every input has the training shape (micro batch × context, right-padded),
+    so the pipeline's cached activation shapes stay valid; causal attention makes padding harmless.
+    The last stage samples and broadcasts each token to the other stages of its pipeline. The loss
+    DeepSpeed computes on the way (against the input as dummy targets) is discarded: its evaluation
+    keeps a running loss total that logits cannot be added to.
+    """
+    device = next(engine.module.parameters()).device
+    ids = list(prompt)
+    last_stage = engine.grid.stage_to_global(stage_id=engine.num_stages - 1)
+    for _ in range(max_new_tokens):
+        window = ids[-context_length:]
+        x = torch.full((micro_batch_size, context_length), pad_id, dtype=torch.long)
+        x[:, : len(window)] = torch.tensor(window)
+        _, logits = engine.eval_batch(
+            _repeat((x, x.clone())),
+            return_logits=True,
+            bcast_loss=False,
+            num_micro_batches=1,
+        )
+        token = torch.zeros(1, dtype=torch.long, device=device)
+        if engine.is_last_stage():
+            row = logits[0, len(window) - 1].float()
+            if temperature <= 0:
+                token[0] = row.argmax()
+            else:
+                row = row / temperature
+                if top_k:
+                    kth = torch.topk(row, min(top_k, row.numel())).values[-1]
+                    row = row.masked_fill(row < kth, float("-inf"))
+                token[0] = torch.multinomial(F.softmax(row, dim=-1), 1, generator=generator)
+        dist.broadcast(token, src=last_stage, group=engine.grid.get_pipe_parallel_group())
+        ids.append(int(token))
+    return ids
+
+
+def _repeat(item: tuple[torch.Tensor, torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        yield item

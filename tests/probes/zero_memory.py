@@ -1,0 +1,71 @@
+"""Run under the deepspeed launcher: what one rank holds of the model and optimizer, from construction on.
+
+    deepspeed --num_gpus 2 tests/probes/zero_memory.py OUT.json DS.json
+
+Writes, per rank: whether every parameter was partitioned right after construction (ZeRO-3), the
+elements of parameters this rank holds, and the bytes of parameters + optimizer state after one step.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+from ds_trainer.config import load_run_config
+from ds_trainer.ds_config import load_ds_json, resolve
+from ds_trainer.engine import build_engine, build_model, init_distributed
+
+
+def tensors_in(obj, seen: set, depth: int = 0):
+    """Every tensor reachable from an optimizer object: its state, flat buffers and partitions."""
+    if depth > 4 or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors_in(v, seen, depth + 1)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from tensors_in(v, seen, depth + 1)
+    elif isinstance(obj, torch.optim.Optimizer):
+        yield from tensors_in(obj.state, seen, depth + 1)
+        yield from tensors_in([g["params"] for g in obj.param_groups], seen, depth + 1)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("deepspeed"):
+        yield from tensors_in(vars(obj), seen, depth + 1)
+
+
+def main() -> None:
+    out_path, ds_path = sys.argv[-2], sys.argv[-1]
+    init_distributed()
+    run = load_run_config(None, ["--data.context_length", "32", "--train.micro_batch_size", "2"])
+    raw, source = load_ds_json(ds_path)
+    ds = resolve(raw, source, run, int(os.environ["WORLD_SIZE"]), 1000, "cpu")
+    torch.manual_seed(0)
+    model = build_model(run.gpt_config(), ds)
+    params = list(model.parameters())
+    partitioned = all(hasattr(p, "ds_tensor") and p.numel() == 0 for p in params)
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    engine = build_engine(model, ds)
+    x = torch.randint(0, 50257, (2, 32))
+    engine.backward(engine(x, x))
+    engine.step()
+    storages = {}
+    for t in [*(getattr(p, "ds_tensor", p) for p in params), *tensors_in(engine.optimizer, set())]:
+        if t.device.type == "cpu" and t.numel():
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    result = {
+        "partitioned_at_construction": partitioned,
+        "param_elements_full": full,
+        "param_elements_held": held,
+        "model_and_optimizer_bytes": sum(storages.values()),
+    }
+    with open(f"{out_path}.rank{os.environ['RANK']}", "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
