@@ -49,7 +49,7 @@ def main() -> None:
             str(args.steps),
         ],
     )
-    train, _, weights = build_datasets(run.data_sources(), run.context_length, run.stride, 0.0, 50257)
+    train, _, weights = build_datasets(run.data_sources(), run.context_length, run.stride, None, 50257)
     raw, source = load_ds_json(None)
     ds = resolve(raw, source, run, 1, sum(train.sizes()), "cpu")
     init_distributed()

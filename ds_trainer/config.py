@@ -65,9 +65,9 @@ class DataSection:
     """Tokens per training window; defaults to the model's block_size and may not exceed it."""
     stride: int | None = None
     """Tokens between the starts of consecutive windows; defaults to context_length (no overlap)."""
-    val_fraction: float = 0.1
-    """Share of a text corpus (its last tokens) held out for validation; 0 disables evaluation. Prepared
-    folders bring the validation split made at preparation instead."""
+    val_fraction: float | None = None
+    """Share of a text corpus (its last tokens) held out for validation (default 0.1); 0 disables evaluation.
+    Prepared folders bring the validation split made at preparation instead, so it is an error there."""
 
 
 @dataclass
@@ -408,7 +408,7 @@ def value_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"pipeline.stages {pp.stages} exceeds model.n_layer {cfg.gpt_config().n_layer}")
     if d.stride is not None and d.stride < 1:
         problems.append(f"data.stride must be >= 1, got {d.stride}")
-    if not 0.0 <= d.val_fraction < 1.0:
+    if d.val_fraction is not None and not 0.0 <= d.val_fraction < 1.0:
         problems.append(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     if t.max_steps is not None and t.epochs is not None:
         problems.append("train.max_steps and train.epochs are both set; set one")

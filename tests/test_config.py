@@ -34,7 +34,7 @@ def test_defaults():
     assert cfg.model.preset == "gpt2-tiny"
     assert cfg.train.seed == 1234
     assert cfg.train.max_steps is None and cfg.train.epochs is None
-    assert cfg.data.path == "" and cfg.data.val_fraction == 0.1
+    assert cfg.data.path == "" and cfg.data.val_fraction is None  # 0.1 for text, set by the data module
     assert cfg.gpt_config() == GPTConfig.from_preset("gpt2-tiny")
     assert cfg.context_length == 128 and cfg.stride == 128  # block_size, and no overlap
 

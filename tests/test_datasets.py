@@ -71,7 +71,7 @@ def test_prepared_shards_read_as_one_sequence(tmp_path):
     assert len(seq) == 31
     assert seq[8:27].tolist() == list(range(8, 27))  # crosses two shard boundaries
     assert seq[10:25].tolist() == list(range(10, 25))
-    train, val, _ = build_datasets({str(tmp_path / "ds"): 1.0}, 4, 4, 0.5, 50257)
+    train, val, _ = build_datasets({str(tmp_path / "ds"): 1.0}, 4, 4, None, 50257)
     assert train.sizes() == [n_windows(31, 4, 4)]
     x, y = train.batch([(0, 2)])
     assert x.tolist() == [[8, 9, 10, 11]] and y.tolist() == [[9, 10, 11, 12]]
@@ -82,18 +82,18 @@ def test_prepared_shards_refuse_other_tokenizer_vocab_and_broken_files(tmp_path)
     other = {**identity(), "ranks_sha256": "0" * 64, "name": "cl100k_base"}
     write_prepared(tmp_path / "tok", {"train": [np.arange(50)], "val": [np.arange(0)]}, tokenizer=other)
     with pytest.raises(DsTrainerError, match="made with tokenizer cl100k_base.*prepare the data again"):
-        build_datasets({str(tmp_path / "tok"): 1.0}, 4, 4, 0.0, 50257)
+        build_datasets({str(tmp_path / "tok"): 1.0}, 4, 4, None, 50257)
     write_prepared(tmp_path / "big", {"train": [np.array([1, 2, 60000, 3, 4, 5])], "val": [np.arange(0)]})
     with pytest.raises(DsTrainerError, match="token id 60000 is beyond the model's vocabulary of 50257"):
-        build_datasets({str(tmp_path / "big"): 1.0}, 4, 4, 0.0, 50257)
+        build_datasets({str(tmp_path / "big"): 1.0}, 4, 4, None, 50257)
     write_prepared(tmp_path / "cut", {"train": [np.arange(50), np.arange(50)], "val": [np.arange(0)]})
     with open(tmp_path / "cut" / "train_000001.bin", "r+b") as f:
         f.truncate(30)
     with pytest.raises(DsTrainerError, match="train_000001.bin: expected 50 tokens .* found 30 bytes"):
-        build_datasets({str(tmp_path / "cut"): 1.0}, 4, 4, 0.0, 50257)
+        build_datasets({str(tmp_path / "cut"): 1.0}, 4, 4, None, 50257)
     write_prepared(tmp_path / "tiny", {"train": [np.arange(3)], "val": [np.arange(0)]})
     with pytest.raises(DsTrainerError, match="train split\\) has 3 tokens, fewer than one window"):
-        build_datasets({str(tmp_path / "tiny"): 1.0}, 4, 4, 0.0, 50257)
+        build_datasets({str(tmp_path / "tiny"): 1.0}, 4, 4, None, 50257)
 
 
 def test_mixture_of_a_prepared_folder_and_text(tmp_path, verdict_path):
@@ -103,3 +103,11 @@ def test_mixture_of_a_prepared_folder_and_text(tmp_path, verdict_path):
     )
     assert weights == [0.7, 0.3] and len(train.sizes()) == 2
     assert val.sizes() == [n_windows(int(5146 * 0.1), 8, 8)]  # only the text source has a validation split
+
+
+def test_val_fraction_is_refused_for_prepared_folders_only(tmp_path, verdict_path):
+    write_prepared(tmp_path / "ds", {"train": [np.arange(400)], "val": [np.arange(0)]})
+    with pytest.raises(DsTrainerError, match="data.val_fraction=0.2 does not apply to prepared folders"):
+        build_datasets({str(tmp_path / "ds"): 1.0}, 8, 8, 0.2, 50257)
+    _, val, _ = build_datasets({str(verdict_path): 1.0}, 8, 8, None, 50257)  # text: default 0.1
+    assert val.sizes() == [n_windows(int(5146 * 0.1), 8, 8)]

@@ -360,3 +360,26 @@ def test_batch_rampup_on_a_mixture(tmp_path, verdict_path):
     for m, seen in zip(metrics, consumed[:-1], strict=True):
         k = seen / 8
         assert m["train/lr"] == pytest.approx(ds_formula_lr(k, 1e-3, 6, 2, 0.0, 0.1), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_trains_from_prepared_shards(tmp_path):
+    from conftest import DATA
+
+    from ds_trainer.data.prepare import prepare
+
+    prepare(
+        [str(DATA / "tinyshakespeare.txt"), str(DATA / "the-verdict.txt")],
+        str(tmp_path / "ds"),
+        workers=2,
+        progress=False,
+        shard_tokens=50_000,
+        val_fraction=0.5,
+        seed=1,
+    )
+    args = tiny_args(
+        tmp_path / "run", tmp_path / "ds", 3, **{"eval.interval": 3, "eval.iters": 1, "eval.sample_tokens": 2}
+    )
+    proc = run_pretrain(["--ds_config", str(fp32(tmp_path / "ds.json", "zero0")), *args], ranks=0)
+    ok(proc)
+    assert len(losses(tmp_path / "run")) == 3 and "eval step 3" in proc.stdout

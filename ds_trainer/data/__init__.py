@@ -1,21 +1,28 @@
-"""Data: corpora into token windows (in memory or memory-mapped shards), and the global sample order."""
+"""Data: corpora into token windows (in memory or memory-mapped shards), and the global sample order.
 
-from ds_trainer.data.datasets import build_datasets
-from ds_trainer.data.sampler import BatchRampup, GlobalBatchSampler, Permutation, SampleStream
-from ds_trainer.data.shards import TokenShards, is_prepared
-from ds_trainer.data.text import TokenWindows, WindowSet, builtin_corpus, load_text_documents, split_train_val
+Names are imported on first use, so `launch/prepare_data.py` (which needs none of torch) starts fast.
+"""
 
-__all__ = [
-    "BatchRampup",
-    "GlobalBatchSampler",
-    "Permutation",
-    "SampleStream",
-    "TokenShards",
-    "TokenWindows",
-    "WindowSet",
-    "build_datasets",
-    "builtin_corpus",
-    "is_prepared",
-    "load_text_documents",
-    "split_train_val",
-]
+from importlib import import_module
+
+_WHERE = {
+    "BatchRampup": "sampler",
+    "GlobalBatchSampler": "sampler",
+    "Permutation": "sampler",
+    "SampleStream": "sampler",
+    "TokenShards": "shards",
+    "is_prepared": "shards",
+    "TokenWindows": "text",
+    "WindowSet": "text",
+    "builtin_corpus": "text",
+    "load_text_documents": "text",
+    "split_train_val": "text",
+    "build_datasets": "datasets",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'ds_trainer.data' has no attribute {name!r}")
+    return getattr(import_module(f"ds_trainer.data.{_WHERE[name]}"), name)

@@ -7,6 +7,8 @@ from ds_trainer.data.text import TokenWindows, WindowSet, text_tokens
 from ds_trainer.errors import DsTrainerError
 from ds_trainer.tokenizer import get_encoding, identity
 
+DEFAULT_VAL_FRACTION = 0.1
+
 
 def _windows(tokens, context_length: int, stride: int, what: str) -> TokenWindows:
     w = TokenWindows(tokens, context_length, stride)
@@ -19,14 +21,21 @@ def _windows(tokens, context_length: int, stride: int, what: str) -> TokenWindow
 
 
 def build_datasets(
-    sources: dict[str, float], context_length: int, stride: int, val_fraction: float, vocab_size: int
+    sources: dict[str, float], context_length: int, stride: int, val_fraction: float | None, vocab_size: int
 ) -> tuple[WindowSet, WindowSet | None, list[float]]:
     """Train windows, validation windows (None when there are none to evaluate) and mixture weights.
 
     `sources` maps each path to its weight; a path is a prepared folder (see launch/prepare_data.py),
     a text file, folder or glob, or "" for the built-in corpus. Prepared folders bring their own
-    validation split; text is split by `val_fraction`.
+    validation split; text is split by `val_fraction` (default 0.1).
     """
+    prepared = {path: bool(path) and is_prepared(path) for path in sources}
+    if val_fraction is not None and all(prepared.values()):
+        raise DsTrainerError(
+            f"data.val_fraction={val_fraction} does not apply to prepared folders ({', '.join(sources)}): they hold "
+            "the validation split made by launch/prepare_data.py --val_fraction; remove data.val_fraction"
+        )
+    val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
     n_vocab = get_encoding().n_vocab
     if vocab_size < n_vocab:
         raise DsTrainerError(
@@ -37,7 +46,7 @@ def build_datasets(
     for path, _ in sources.items():
         name = path or "the built-in corpus"
         names.append(name)
-        if path and is_prepared(path):
+        if prepared[path]:
             train.append(
                 _windows(
                     TokenShards(path, "train", identity(), vocab_size),
