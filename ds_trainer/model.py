@@ -83,13 +83,19 @@ def init_gpt_weights(root: nn.Module, prefix: str, n_layer: int, skip: tuple[nn.
         if module in skip or not isinstance(module, nn.Linear | nn.Embedding) or module.weight.is_meta:
             return  # meta tensors (shape-only models for planning) hold no values to draw
         key = hashlib.blake2b(f"{base}:{names[id(module)]}".encode(), digest_size=8).digest()
-        gen = torch.Generator(device=module.weight.device).manual_seed(int.from_bytes(key, "little") >> 1)
+        gen = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
         std = 0.02
         # GPT-2 scales the projections that write into the residual stream so that its variance does
         # not grow with depth (two such writes per block).
         if getattr(module, "is_residual_projection", False):
             std = 0.02 / math.sqrt(2 * n_layer)
-        nn.init.normal_(module.weight, mean=0.0, std=std, generator=gen)
+        # Drawn on the CPU whatever the device (zero.Init makes tensors on the GPU unless told
+        # otherwise): ZeRO-3 builds on the GPU, the others on the CPU, and all start from the same weights.
+        w = torch.empty(module.weight.shape, dtype=torch.float32, device="cpu").normal_(
+            0.0, std, generator=gen
+        )
+        with torch.no_grad():
+            module.weight.copy_(w)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 

@@ -1,0 +1,92 @@
+"""Plan a GPT pretraining run: memory per GPU, token budget and time, and a DeepSpeed JSON that fits.
+
+python launch/plan.py --preset gpt2 --zero 2 --nodes 1 --gpus_per_node 8
+python launch/plan.py --n_layer 48 --n_head 25 --n_embd 1600 --micro_batch 16 --write ds_plan.json
+
+The figures and formulas are documented in ds_trainer/plan.py. Sizes are GiB (2**30 bytes).
+"""
+
+import argparse
+import sys
+
+from ds_trainer.errors import DsTrainerError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one `error:` line and exit 2, like every other bad input
+        raise DsTrainerError(message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", help="gpt2-tiny, gpt2, gpt2-medium, gpt2-large or gpt2-xl")
+    for dim in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        ap.add_argument(f"--{dim}", type=int, help="overrides the preset's value")
+    ap.add_argument("--zero", type=int, default=0, help="ZeRO stage 0-3 (default 0)")
+    ap.add_argument("--offload", default="none", help="none, cpu or nvme (cpu: stage 1-3; nvme: stage 3)")
+    ap.add_argument(
+        "--offload_params",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="at ZeRO-3, offload the parameters too (default: yes whenever ZeRO-3 offloads)",
+    )
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gpus_per_node", type=int, default=1)
+    ap.add_argument("--gpu_memory_gb", type=float, default=80.0, help="per GPU, GiB (default 80)")
+    ap.add_argument(
+        "--cpu_memory_gb", type=float, default=1024.0, help="per node, for CPU offload (default 1024)"
+    )
+    ap.add_argument("--nvme_gb", type=float, default=2048.0, help="per node, for NVMe offload (default 2048)")
+    ap.add_argument(
+        "--micro_batch", type=int, default=4, help="sequences per GPU per forward pass (default 4)"
+    )
+    ap.add_argument("--context", type=int, help="tokens per sequence (default: the model's block_size)")
+    ap.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 (default bf16)")
+    ap.add_argument(
+        "--attention", default="flash", help="flash (fused SDPA, default) or math (stores a*s^2 scores)"
+    )
+    ap.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default 0.4)")
+    ap.add_argument(
+        "--peak_tflops",
+        type=float,
+        help="per device; default 989 for bf16/fp16 (H100 SXM dense), 67 for fp32 (no TF32)",
+    )
+    ap.add_argument("--tokens", type=int, help="training tokens (default: 20 per parameter)")
+    ap.add_argument("--write", metavar="PATH", help="write the suggested DeepSpeed JSON to PATH")
+    try:
+        args = ap.parse_args(argv)
+        from ds_trainer.plan import format_plan, model_config, plan, write_suggestion
+
+        cfg = model_config(
+            args.preset, args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab_size
+        )
+        result = plan(
+            cfg,
+            zero=args.zero,
+            offload=args.offload,
+            offload_params=args.offload_params,
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            gpu_memory_gb=args.gpu_memory_gb,
+            cpu_memory_gb=args.cpu_memory_gb,
+            nvme_gb=args.nvme_gb,
+            micro_batch=args.micro_batch,
+            context=args.context,
+            dtype=args.dtype,
+            attention=args.attention,
+            mfu=args.mfu,
+            peak_tflops=args.peak_tflops,
+            tokens=args.tokens,
+        )
+        print(format_plan(result), flush=True)
+        if args.write:
+            path = write_suggestion(result, args.write)
+            print(f"wrote {path}")
+    except DsTrainerError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
