@@ -89,6 +89,25 @@ class Metrics:
             s.close()
 
 
+class ThroughputWindow:
+    """Steps and tokens since the last reset: ms/step and tokens/s over one log interval."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.steps, self.tokens = time.perf_counter(), 0, 0
+
+    def add(self, tokens: int) -> None:
+        self.steps += 1
+        self.tokens += tokens
+
+    def rates(self) -> tuple[float, float]:
+        """(seconds per step, tokens per second); call after synchronising the device."""
+        elapsed = time.perf_counter() - self.start
+        return elapsed / self.steps, self.tokens / elapsed
+
+
 def memory_scalars() -> dict[str, float]:
     out = {"mem/host_rss_gb": psutil.Process().memory_info().rss / 2**30}
     if torch.cuda.is_available():

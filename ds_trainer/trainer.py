@@ -16,7 +16,7 @@ from ds_trainer import pipeline
 from ds_trainer.checkpoint import Checkpointer, Progress
 from ds_trainer.data import GlobalBatchSampler, WindowSet
 from ds_trainer.ds_config import ResolvedDSConfig
-from ds_trainer.metrics import Metrics, console_line, memory_scalars
+from ds_trainer.metrics import Metrics, ThroughputWindow, console_line, memory_scalars
 from ds_trainer.tokenizer import EOT_ID, decode, get_encoding
 
 
@@ -71,8 +71,8 @@ class Trainer:
         resumed = self.checkpointer.resume(self.engine) if s.resume else None
         if resumed:
             self.metrics.print(f"resumed from {self.checkpointer.dir / resumed} at step {p.step}")
-        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
-        session_start, session_steps = window_start, 0
+        window = ThroughputWindow()
+        session_start, session_steps = time.perf_counter(), 0
         while p.step < s.total_steps:
             is_log = (p.step + 1) % s.log_interval == 0 or p.step + 1 == s.total_steps
             lr = self.engine.get_lr()[0]
@@ -80,38 +80,21 @@ class Trainer:
             loss, grad_norm = self.train_step(global_batch, want_grad_norm=is_log)
             p.step += 1
             p.tokens_seen += global_batch * self.train_data.context_length
-            window_steps += 1
-            window_tokens += global_batch * self.train_data.context_length
+            window.add(global_batch * self.train_data.context_length)
             session_steps += 1
             if is_log:
                 get_accelerator().synchronize()
-                now = time.perf_counter()
-                step_s = (now - window_start) / window_steps
-                eta = (now - session_start) / session_steps * (s.total_steps - p.step)
-                self._log_step(
-                    self._global_mean(loss),
-                    lr,
-                    grad_norm,
-                    step_s,
-                    window_tokens / (now - window_start),
-                    global_batch,
-                    eta,
-                )
-                window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
-            if (
-                self.val_data is not None
-                and s.eval_interval
-                and (p.step % s.eval_interval == 0 or p.step == s.total_steps)
-            ):
+                step_s, tok_s = window.rates()
+                eta = (time.perf_counter() - session_start) / session_steps * (s.total_steps - p.step)
+                self._log_step(self._global_mean(loss), lr, grad_norm, step_s, tok_s, global_batch, eta)
+                window.reset()
+            is_eval = s.eval_interval and (p.step % s.eval_interval == 0 or p.step == s.total_steps)
+            if self.val_data is not None and is_eval:
                 self._evaluate_and_sample()
-                window_start, window_steps, window_tokens = (
-                    time.perf_counter(),
-                    0,
-                    0,
-                )  # keep eval out of ms/step
+                window.reset()  # evaluation time is not step time
             if (s.save_interval and p.step % s.save_interval == 0) or p.step == s.total_steps:
                 self.checkpointer.save(self.engine, p.step)
-                window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+                window.reset()
 
     def train_step(self, global_batch: int, want_grad_norm: bool) -> tuple[torch.Tensor, float | None]:
         """One optimizer step of `global_batch` windows over all ranks.
