@@ -11,6 +11,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ds_trainer.errors import DsTrainerError
+
 CLIENT_KEY = "ds_trainer"
 LATEST = "latest"
 
@@ -100,7 +102,10 @@ class Checkpointer:
             return None
         path, client = engine.load_checkpoint(str(self.dir), tag=tag)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
+            raise DsTrainerError(
+                f"{self.dir / LATEST} names {tag}, which DeepSpeed could not load; point `latest` at an earlier "
+                "checkpoint folder, or set checkpoint.resume false to start afresh"
+            )
         for k, o in self.shared.items():
             o.load_state_dict(client[CLIENT_KEY][k])
         rng_file = self.dir / tag / f"rng_rank{self.rank:05d}.pt"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import types
 import typing
@@ -441,7 +440,3 @@ def value_problems(cfg: RunConfig) -> list[str]:
     if not c.dir:
         problems.append("checkpoint.dir must not be empty")
     return problems
-
-
-def dump(cfg: RunConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=2)

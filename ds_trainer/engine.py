@@ -7,7 +7,6 @@ import os
 import socket
 
 import deepspeed
-import torch
 import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
 
@@ -96,10 +95,6 @@ def build_engine(model: nn.Module, ds: ResolvedDSConfig) -> deepspeed.DeepSpeedE
     return engine
 
 
-def device() -> torch.device:
-    return torch.device(get_accelerator().current_device_name())
-
-
 # DeepSpeed JIT-compiles these on first use. Building them once up front keeps ranks from racing to
 # compile (and from leaving a stale lock behind when one is killed mid-build).
 PREBUILT_OPS = ("CPUAdamBuilder", "FusedAdamBuilder", "ShareMemCommBuilder", "AsyncIOBuilder")
@@ -124,9 +119,7 @@ def remove_stale_build_locks(extensions_dir: str) -> list[str]:
     """Delete `lock` files left by a killed build; without this every later run waits on them forever."""
     from pathlib import Path
 
-    removed = [str(p) for p in Path(extensions_dir).glob("*/*/lock")] + [
-        str(p) for p in Path(extensions_dir).glob("*/lock")
-    ]
-    for p in removed:
-        Path(p).unlink(missing_ok=True)
-    return removed
+    locks = list(Path(extensions_dir).rglob("lock"))
+    for lock in locks:
+        lock.unlink(missing_ok=True)
+    return [str(lock) for lock in locks]

@@ -1220,11 +1220,3 @@ def live_tensor_bytes() -> int:
             s = t.untyped_storage()
             sizes[s.data_ptr()] = s.nbytes()
     return sum(sizes.values())
-
-
-def planned_vs_measured(
-    cfg: GPTConfig, stage: int, measured: MeasuredStates, dtype: str = "fp32"
-) -> tuple[ModelStates, float]:
-    """The planner's world-size-1 figure for `cfg` at `stage`, and measured / planned."""
-    states = model_states(count_parameters(cfg), Layout(stage), dtype)
-    return states, measured.total / states.gpu

@@ -148,3 +148,19 @@ def test_activation_checkpointing_trains_to_the_same_losses(tmp_path, verdict_pa
         got[base] = losses(tmp_path / base)
     a, b = got["zero1"], got["zero1_activation_checkpointing"]
     np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], atol=1e-5, rtol=0)
+
+
+def test_stale_build_locks_are_removed(tmp_path):
+    from ds_trainer.engine import remove_stale_build_locks
+
+    (tmp_path / "py311_cpu" / "cpu_adam").mkdir(parents=True)
+    (tmp_path / "py311_cpu" / "cpu_adam" / "lock").write_text("")
+    (tmp_path / "py311_cpu" / "cpu_adam" / "cpu_adam.so").write_text("built")
+    (tmp_path / "lock").write_text("")
+    removed = remove_stale_build_locks(str(tmp_path))
+    assert sorted(removed) == sorted(
+        [str(tmp_path / "lock"), str(tmp_path / "py311_cpu" / "cpu_adam" / "lock")]
+    )
+    assert (
+        not list(tmp_path.rglob("lock")) and (tmp_path / "py311_cpu" / "cpu_adam" / "cpu_adam.so").is_file()
+    )
