@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 
 import deepspeed
+import torch
 import torch.nn as nn
 from deepspeed.accelerator import get_accelerator
 
@@ -33,6 +35,43 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=dist_backend)
     if accelerator_name() != "cpu":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        release_shm_buffer()
+
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "deepspeed_allreduce_buffer_"
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's shared-memory all-reduce buffer once every rank has mapped it.
+
+    DeepSpeed's CPU all-reduce creates a 64 MiB /dev/shm file per rank and never removes it, so every
+    multi-rank run on a host leaks memory until the host runs out. The mappings outlive the name, and
+    the memory goes back when the last rank exits, however it exits.
+    """
+    if os.environ.get("LOCAL_SIZE") != os.environ.get("WORLD_SIZE"):
+        return  # ranks on several hosts: DeepSpeed made no buffer
+    torch.distributed.barrier()  # every peer has opened our file by now
+    name = f"{SHM_PREFIX}{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{os.environ['RANK']}"
+    (SHM_DIR / name).unlink(missing_ok=True)
+
+
+def remove_stale_shm_buffers(shm_dir: Path = SHM_DIR) -> list[str]:
+    """Delete DeepSpeed all-reduce buffers that no live process maps (left by runs killed during start-up)."""
+    files = sorted(shm_dir.glob(SHM_PREFIX + "*"))
+    if not files:
+        return []
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.split(None, 5)[-1].strip() for line in maps.read_text().splitlines())
+        except OSError:
+            continue  # the process ended while we looked
+    stale = [f for f in files if str(f) not in mapped]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return [str(f) for f in stale]
 
 
 def parameter_groups(model: nn.Module) -> list[dict]:
@@ -117,8 +156,6 @@ def build_ops(names: tuple[str, ...] = PREBUILT_OPS) -> dict[str, str]:
 
 def remove_stale_build_locks(extensions_dir: str) -> list[str]:
     """Delete `lock` files left by a killed build; without this every later run waits on them forever."""
-    from pathlib import Path
-
     locks = list(Path(extensions_dir).rglob("lock"))
     for lock in locks:
         lock.unlink(missing_ok=True)

@@ -6,7 +6,7 @@ TORCH_EXTENSIONS_DIR=/path/to/cache python launch/build_ops.py
 import os
 import sys
 
-from ds_trainer.engine import build_ops, remove_stale_build_locks
+from ds_trainer.engine import build_ops, remove_stale_build_locks, remove_stale_shm_buffers
 
 
 def main() -> int:
@@ -14,6 +14,8 @@ def main() -> int:
     if ext_dir:
         for lock in remove_stale_build_locks(ext_dir):
             print(f"removed stale build lock {lock}")
+    for name in remove_stale_shm_buffers():
+        print(f"removed stale shared-memory buffer {name}")
     failed = False
     for name, outcome in build_ops().items():
         print(f"{name}: {outcome}")

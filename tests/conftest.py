@@ -21,6 +21,16 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "ds_trainer_torch_extensions"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_shared_memory():
+    """Runs killed during start-up leave DeepSpeed's 64 MiB all-reduce buffers in /dev/shm; sweep them."""
+    from ds_trainer.engine import remove_stale_shm_buffers
+
+    remove_stale_shm_buffers()
+    yield
+    remove_stale_shm_buffers()
+
+
 @pytest.fixture(scope="session")
 def verdict_path() -> Path:
     p = DATA / "the-verdict.txt"

@@ -164,3 +164,32 @@ def test_stale_build_locks_are_removed(tmp_path):
     assert (
         not list(tmp_path.rglob("lock")) and (tmp_path / "py311_cpu" / "cpu_adam" / "cpu_adam.so").is_file()
     )
+
+
+def test_stale_shm_buffers_are_removed_and_mapped_ones_kept(tmp_path):
+    import mmap
+
+    from ds_trainer.engine import SHM_PREFIX, remove_stale_shm_buffers
+
+    stale, live, other = (
+        (tmp_path / f"{SHM_PREFIX}0_x_1_0"),
+        (tmp_path / f"{SHM_PREFIX}0_x_1_1"),
+        tmp_path / "x",
+    )
+    for f in (stale, live, other):
+        f.write_bytes(b"\0" * 4096)
+    with open(live, "r+b") as fh, mmap.mmap(fh.fileno(), 4096):
+        assert remove_stale_shm_buffers(tmp_path) == [str(stale)]
+    assert not stale.exists() and live.exists() and other.exists()
+
+
+@pytest.mark.slow
+def test_two_rank_run_leaves_no_shared_memory_behind(tmp_path, verdict_path):
+    from conftest import run_pretrain, tiny_args
+
+    from ds_trainer.engine import SHM_DIR, SHM_PREFIX
+
+    before = set(SHM_DIR.glob(SHM_PREFIX + "*"))
+    r = run_pretrain(tiny_args(tmp_path / "run", verdict_path, steps=2), ranks=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert set(SHM_DIR.glob(SHM_PREFIX + "*")) - before == set()
