@@ -97,6 +97,14 @@ class TrainSection:
     """Windows over which the batch grows to its full size (set this or rampup_tokens)."""
     rampup_tokens: int | None = None
     """Tokens over which the batch grows to its full size (set this or rampup_samples)."""
+    time_limit: float | None = None
+    """Wall-clock budget in seconds from the process start (e.g. the job's time limit): before it runs out the
+    run saves a checkpoint and exits with 85 ("requeue me"), leaving room for one more step and a save."""
+    stop_grace: float = 600.0
+    """Seconds a stop (SIGTERM, SIGUSR1 or the time limit) may spend saving before the process exits anyway."""
+    watchdog_timeout: float = 1800.0
+    """Seconds without progress (a step, an evaluation or a save finishing) after which a rank dumps every
+    thread's stack and exits non-zero; longer than the slowest save. 0 disables."""
 
 
 @dataclass
@@ -135,7 +143,30 @@ class CheckpointSection:
     save_interval: int = 100
     """Steps between checkpoints (one is always written at the end); 0 saves only at the end."""
     resume: bool = True
-    """Resume from the latest checkpoint in dir when there is one."""
+    """Resume from the newest checkpoint in dir that checks out, when there is one."""
+    keep_last: int = 3
+    """Checkpoints kept: the newest keep_last (0 keeps all); older ones are deleted after each save."""
+    keep_every: int = 0
+    """Also keep for good every checkpoint whose step is a multiple of this (0: none)."""
+    verify: str = "checksum"
+    """Resume check of the newest checkpoint: checksum (every file's size and CRC-32, one full read, shared
+    by the ranks) or size (presence and sizes only, for checkpoints too large to read at start-up)."""
+
+
+@dataclass
+class GuardSection:
+    spike_factor: float = 2.0
+    """Withhold the update of a step whose loss exceeds this multiple of the running mean (0: off). Non-finite
+    losses are always withheld."""
+    spike_window: int = 100
+    """Good steps in the running mean; spikes are looked for only once it is full (a warm-up)."""
+    rollback_after: int = 3
+    """Consecutive withheld steps after which the run rolls back to its newest good checkpoint, skips the data
+    since, and lowers the learning rate (0: never roll back)."""
+    lr_factor: float = 0.5
+    """Learning-rate multiplier after a rollback."""
+    lr_steps: int = 100
+    """Steps the lowered learning rate lasts after a rollback."""
 
 
 @dataclass
@@ -156,6 +187,7 @@ class RunConfig:
     pipeline: PipelineSection = field(default_factory=PipelineSection)
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    guard: GuardSection = field(default_factory=GuardSection)
     log: LogSection = field(default_factory=LogSection)
 
     def gpt_config(self) -> GPTConfig:
@@ -413,6 +445,12 @@ def value_problems(cfg: RunConfig) -> list[str]:
         problems.append("train.max_steps and train.epochs are both set; set one")
     if t.max_steps is not None and t.max_steps < 1:
         problems.append(f"train.max_steps must be >= 1, got {t.max_steps}")
+    if cfg.guard.spike_window < 1:
+        problems.append(f"guard.spike_window must be >= 1, got {cfg.guard.spike_window}")
+    if not 0.0 < cfg.guard.lr_factor <= 1.0:
+        problems.append(f"guard.lr_factor must be in (0, 1], got {cfg.guard.lr_factor}")
+    if t.time_limit is not None and t.time_limit <= 0:
+        problems.append(f"train.time_limit must be > 0 seconds, got {t.time_limit}")
     if t.epochs is not None and t.epochs <= 0:
         problems.append(f"train.epochs must be > 0, got {t.epochs}")
     for k in ("micro_batch_size", "gradient_accumulation_steps", "warmup_steps"):
@@ -430,6 +468,13 @@ def value_problems(cfg: RunConfig) -> list[str]:
         ("eval.sample_tokens", e.sample_tokens),
         ("eval.top_k", e.top_k),
         ("checkpoint.save_interval", c.save_interval),
+        ("checkpoint.keep_last", c.keep_last),
+        ("checkpoint.keep_every", c.keep_every),
+        ("train.stop_grace", t.stop_grace),
+        ("guard.spike_factor", cfg.guard.spike_factor),
+        ("guard.rollback_after", cfg.guard.rollback_after),
+        ("guard.lr_steps", cfg.guard.lr_steps),
+        ("train.watchdog_timeout", t.watchdog_timeout),
     ):
         if v < 0:
             problems.append(f"{k} must be >= 0, got {v}")
@@ -439,4 +484,6 @@ def value_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"log.interval must be >= 1, got {lg.interval}")
     if not c.dir:
         problems.append("checkpoint.dir must not be empty")
+    if c.verify not in ("checksum", "size"):
+        problems.append(f"checkpoint.verify must be checksum or size, got {c.verify!r}")
     return problems

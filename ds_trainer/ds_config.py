@@ -206,8 +206,13 @@ def resolve(
     world_size: int,
     num_train_samples: int,
     accelerator: str,
+    global_batch: int | None = None,
 ) -> ResolvedDSConfig:
-    """Fill every "auto" and check the whole JSON; raises DsTrainerError naming all problems at once."""
+    """Fill every "auto" and check the whole JSON; raises DsTrainerError naming all problems at once.
+
+    `global_batch` is a checkpoint's global batch when resuming on another number of ranks: the
+    accumulation steps are chosen to keep it.
+    """
     cfg = copy.deepcopy(raw)
     problems: list[str] = []
     t = run.train
@@ -268,6 +273,14 @@ def resolve(
             )
     micro = micro or DEFAULT_MICRO_BATCH
     gas = gas or 1
+    if global_batch is not None and micro * gas * dp != global_batch:
+        if global_batch % (micro * dp):
+            problems.append(
+                f"the checkpoint's global batch {global_batch} cannot be kept with micro batch {micro} on {dp} "
+                f"data-parallel ranks; set train.micro_batch_size to a divisor of {global_batch // dp or 1}"
+            )
+        else:
+            gas = global_batch // (micro * dp)
     cfg["train_micro_batch_size_per_gpu"] = micro
     cfg["gradient_accumulation_steps"] = gas
     cfg["train_batch_size"] = micro * gas * dp
@@ -431,3 +444,18 @@ def _nvme_path_problems(path: Any, key: str, source: str) -> list[str]:
 def launcher_world_size() -> int:
     """World size as the launcher announces it, known before any process group exists."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def schedule_lr(config: dict[str, Any], iteration: float) -> float | None:
+    """The learning rate DeepSpeed's configured scheduler gives at `iteration`, from a fresh instance of it."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    sched = config.get("scheduler")
+    lr = config.get("optimizer", {}).get("params", {}).get("lr")
+    if not sched or lr is None:
+        return None
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    scheduler = getattr(lr_schedules, sched["type"])(opt, **sched.get("params", {}))
+    scheduler.step(iteration)
+    return float(scheduler.get_lr()[0])

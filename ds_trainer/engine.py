@@ -160,3 +160,35 @@ def remove_stale_build_locks(extensions_dir: str) -> list[str]:
     for lock in locks:
         lock.unlink(missing_ok=True)
     return [str(lock) for lock in locks]
+
+
+def replay_cpu_adam_bias_correction(engine: deepspeed.DeepSpeedEngine) -> int:
+    """Make the first update after a resume bitwise equal to the uninterrupted run's (CPU FusedAdam).
+
+    DeepSpeed's CPU Adam kernel keeps beta**t as a float32 running product in one C++ object per
+    process (csrc/includes/cpu_adam.h, IncrementStep); a fresh process starting at step t+1 computes
+    std::pow(beta, t+1) instead, which can differ in the last bit (beta2=0.95, t=11: 0.5688 vs
+    0.56880003), and so does the update. Replaying steps 1..t on a one-element dummy rebuilds the
+    product the uninterrupted run had. Returns the step replayed to (0: nothing to do).
+    """
+    from deepspeed.ops.adam import FusedAdam
+
+    opt = engine.optimizer
+    while opt is not None and not isinstance(opt, FusedAdam):
+        opt = getattr(opt, "optimizer", None)  # ZeRO and bf16 wrappers hold the real optimizer here
+    if opt is None or accelerator_name() != "cpu":
+        return 0
+    # The largest count: ZeRO-0 increments only each group's last parameter (FusedAdam.step's loop).
+    t = max((int(st["step"]) for st in opt.state.values() if "step" in st), default=0)
+    betas = {tuple(g["betas"]) for g in opt.param_groups}
+    if t == 0 or len(betas) != 1:
+        return 0  # groups with different betas make the kernel recompute pow() at every step anyway
+    (beta1, beta2), group = betas.pop(), opt.param_groups[0]
+    bias_correction = 1 if group["bias_correction"] else 0
+    for k in range(1, t + 1):
+        g, p, m, v = (torch.zeros(1) for _ in range(4))
+        opt.multi_tensor_adam(
+            2048 * 32, opt._dummy_overflow_buf, [[g], [p], [m], [v]], 0.0, beta1, beta2, group["eps"], k,
+            opt.adam_w_mode, bias_correction, 0.0,
+        )  # fmt: skip
+    return t

@@ -16,8 +16,14 @@ from ds_trainer import pipeline
 from ds_trainer.checkpoint import Checkpointer, Progress
 from ds_trainer.data import GlobalBatchSampler, WindowSet
 from ds_trainer.ds_config import ResolvedDSConfig
+from ds_trainer.engine import replay_cpu_adam_bias_correction
+from ds_trainer.errors import DsTrainerError
+from ds_trainer.faults import Faults
+from ds_trainer.guard import IncidentLog, LossGuard, innermost_optimizer, updates_withheld
 from ds_trainer.metrics import Metrics, ThroughputWindow, console_line, memory_scalars
+from ds_trainer.preemption import REQUEUE_EXIT, StopRequest
 from ds_trainer.tokenizer import EOT_ID, decode, get_encoding
+from ds_trainer.watchdog import Watchdog
 
 
 @dataclass(frozen=True)
@@ -34,7 +40,6 @@ class LoopSettings:
     sample_tokens: int
     temperature: float
     top_k: int
-    resume: bool = True
 
 
 class Trainer:
@@ -49,6 +54,11 @@ class Trainer:
         checkpointer: Checkpointer,
         metrics: Metrics,
         settings: LoopSettings,
+        stop: StopRequest,
+        watchdog: Watchdog,
+        guard: LossGuard,
+        incidents: IncidentLog,
+        faults: Faults | None = None,
     ) -> None:
         self.engine = engine
         self.ds = ds
@@ -59,6 +69,11 @@ class Trainer:
         self.checkpointer = checkpointer
         self.metrics = metrics
         self.s = settings
+        self.stop = stop
+        self.watchdog = watchdog
+        self.guard = guard
+        self.incidents = incidents
+        self.faults = faults
         self.device = torch.device(get_accelerator().current_device_name())
         self.batch_schedule = ds.batch_schedule()
         self.is_pipeline = isinstance(engine, PipelineEngine)
@@ -66,18 +81,26 @@ class Trainer:
         # (not across pipeline stages, which each hold part of the gradient: there the norm is not logged).
         self._own_grad_norm = ds.zero_stage == 0 and not (ds.fp16 or ds.bf16) and not self.is_pipeline
 
-    def fit(self) -> None:
+    def fit(self) -> int:
+        """Train to the end (returns 0) or until a stop is agreed (saves, returns REQUEUE_EXIT)."""
+        try:
+            return self._loop()
+        finally:
+            self.watchdog.stop()
+
+    def _loop(self) -> int:
         s, p = self.s, self.progress
-        resumed = self.checkpointer.resume(self.engine) if s.resume else None
-        if resumed:
-            self.metrics.print(f"resumed from {self.checkpointer.dir / resumed} at step {p.step}")
         window = ThroughputWindow()
         session_start, session_steps = time.perf_counter(), 0
+        self.stop.install()
         while p.step < s.total_steps:
+            self.watchdog.beat()
+            step_start = time.perf_counter()
             is_log = (p.step + 1) % s.log_interval == 0 or p.step + 1 == s.total_steps
             lr = self.engine.get_lr()[0]
             global_batch = self.batch_schedule.global_batch(self.sampler.consumed)
-            loss, grad_norm = self.train_step(global_batch, want_grad_norm=is_log)
+            consumed_before = self.sampler.consumed
+            loss, grad_norm, withheld = self.train_step(global_batch, want_grad_norm=is_log)
             p.step += 1
             p.tokens_seen += global_batch * self.train_data.context_length
             window.add(global_batch * self.train_data.context_length)
@@ -86,20 +109,85 @@ class Trainer:
                 get_accelerator().synchronize()
                 step_s, tok_s = window.rates()
                 eta = (time.perf_counter() - session_start) / session_steps * (s.total_steps - p.step)
-                self._log_step(self._global_mean(loss), lr, grad_norm, step_s, tok_s, global_batch, eta)
+                self._log_step(loss, lr, grad_norm, step_s, tok_s, global_batch, eta)
                 window.reset()
+            if withheld is not None:
+                self._incident(withheld, loss, consumed_before, "update withheld")
+                if self.guard.wants_rollback():
+                    self._rollback()
+                    window.reset()
+            self.stop.note_step(time.perf_counter() - step_start)
+            if self.faults is not None:
+                self.faults.after_step(p.step)
             is_eval = s.eval_interval and (p.step % s.eval_interval == 0 or p.step == s.total_steps)
             if self.val_data is not None and is_eval:
+                self.watchdog.beat()
                 self._evaluate_and_sample()
                 window.reset()  # evaluation time is not step time
+            saved = False
             if (s.save_interval and p.step % s.save_interval == 0) or p.step == s.total_steps:
-                self.checkpointer.save(self.engine, p.step)
+                self._save()
+                saved = True
                 window.reset()
+            reason = self.stop.agreed(self.device, self.checkpointer.last_save_seconds)
+            if reason is not None and p.step < s.total_steps:
+                if not saved:
+                    self._save()
+                self.metrics.print(
+                    f"stopping at step {p.step}: {reason}; checkpoint saved, exit {REQUEUE_EXIT}"
+                )
+                return REQUEUE_EXIT
+        return 0
 
-    def train_step(self, global_batch: int, want_grad_norm: bool) -> tuple[torch.Tensor, float | None]:
+    def _incident(self, why: str, loss: float, first_sample: int, action: str) -> None:
+        p, g = self.progress, self.guard
+        samples = [first_sample, self.sampler.consumed]
+        self.metrics.scalars(
+            p.step, {"incidents/withheld_steps": float(g.withheld), "incidents/rollbacks": float(g.rollbacks)}
+        )
+        self.metrics.print(
+            f"incident at step {p.step}: {why}; {action} (samples {samples[0]}-{samples[1] - 1})"
+        )
+        self.incidents.write(step=p.step, loss=loss, reason=why, action=action, samples=samples)
+
+    def _rollback(self) -> None:
+        """Back to the newest good checkpoint, past the data that led here, at a reduced learning rate."""
+        p, g = self.progress, self.guard
+        position, failed_at = self.sampler.state_dict(), p.step
+        plan = self.checkpointer.plan_resume(self.checkpointer.configs["meta"]["layout"])
+        if plan is None:
+            raise DsTrainerError(
+                f"{g.consecutive} consecutive steps withheld at step {p.step} and no checkpoint to roll back "
+                "to; lower checkpoint.save_interval or raise guard.rollback_after"
+            )
+        counters = g.state_dict()
+        self.checkpointer.load(self.engine, plan)
+        replay_cpu_adam_bias_correction(self.engine)
+        self.sampler.load_state_dict(position)  # skip the window since the checkpoint
+        g.load_state_dict({**counters, "consecutive": 0, "rollbacks": counters["rollbacks"] + 1})
+        g.lr_cut_until = p.step + g.s.lr_steps
+        self._apply_lr_scale(p.step)
+        action = (
+            f"rolled back to step {p.step}, skipping the data since; learning rate x{g.s.lr_factor:g} "
+            f"until step {g.lr_cut_until}"
+        )
+        self.metrics.print(
+            f"incident at step {failed_at}: {g.s.rollback_after} steps withheld in a row; {action}"
+        )
+        self.incidents.write(step=failed_at, reason="consecutive withheld steps", action=action)
+
+    def _save(self) -> None:
+        self.watchdog.beat()
+        path = self.checkpointer.save(self.engine, self.progress.step)
+        seconds = self.checkpointer.last_save_seconds
+        self.metrics.scalars(self.progress.step, {"perf/checkpoint_save_s": seconds})
+        self.metrics.print(f"saved {path} in {seconds:.1f} s")
+
+    def train_step(self, global_batch: int, want_grad_norm: bool) -> tuple[float, float | None, str | None]:
         """One optimizer step of `global_batch` windows over all ranks.
 
-        Returns this rank's mean loss and, if asked, the gradient norm before clipping.
+        Returns the mean loss over all ranks, the gradient norm before clipping if asked, and why the
+        update was withheld (None when it was applied).
         """
         micro_per_rank = self.ds.micro_batch_size * self.ds.data_parallel_size
         if global_batch != self.engine.train_batch_size():  # batch ramp-up: DeepSpeed changes accumulation
@@ -114,21 +202,47 @@ class Trainer:
         if self.is_pipeline:
             loss = pipeline.train_step(self.engine, [self.train_data.batch(ids) for ids in micro_batches])
             norm = self.engine.get_global_grad_norm() if want_grad_norm else None
-            return loss, None if norm is None else float(norm)
+            return self._global_mean(loss), None if norm is None else float(norm), None
+        injected = self.faults.loss_factor(self.progress.step + 1) if self.faults is not None else 1.0
         total = torch.zeros((), device=self.device)
         manual_norm = None
-        for ids in micro_batches:
+        for i, ids in enumerate(micro_batches):
             x, y = (t.to(self.device, non_blocking=True) for t in self.train_data.batch(ids))
             loss = self.engine(x, y)
+            if injected != 1.0:
+                loss = loss * injected
             self.engine.backward(loss)
-            if want_grad_norm and self._own_grad_norm and self.engine.is_gradient_accumulation_boundary():
-                manual_norm = self._grad_norm()
-            self.engine.step(lr_kwargs=lr_kwargs)
             total += loss.detach().float()
-        if not want_grad_norm:
-            return total / len(micro_batches), None
+            if i < len(micro_batches) - 1:
+                self.engine.step(lr_kwargs=lr_kwargs)
+        if want_grad_norm and self._own_grad_norm:
+            manual_norm = self._grad_norm()
+        mean = self.guard.global_mean(total / len(micro_batches))
+        withheld = self.guard.judge(mean)
+        skipped_before = self.engine.skipped_steps
+        if withheld is None:
+            self.engine.step(lr_kwargs=lr_kwargs)
+            if self.engine.skipped_steps > skipped_before:  # ZeRO 1-2 refuse a non-finite gradient norm
+                withheld = "non-finite gradient norm"
+        else:
+            with updates_withheld(self.engine):
+                self.engine.step(lr_kwargs=lr_kwargs)
+        if withheld is not None and self.engine.lr_scheduler is not None:
+            # A skipped update still consumes its step: keep the schedule where the step count says.
+            iteration = lr_kwargs["last_batch_iteration"] if lr_kwargs else self.progress.step + 1
+            self.engine.lr_scheduler.step(iteration)
+        self._apply_lr_scale(self.progress.step + 1)
+        if not want_grad_norm or withheld is not None:
+            return mean, None, withheld
         norm = manual_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
-        return total / len(micro_batches), None if norm is None else float(norm)
+        return mean, None if norm is None else float(norm), withheld
+
+    def _apply_lr_scale(self, next_step: int) -> None:
+        """After a rollback, the scheduler's rate times the guard's factor, for the next update."""
+        scale = self.guard.lr_scale(next_step + 1)
+        if scale != 1.0:
+            for group in innermost_optimizer(self.engine).param_groups:
+                group["lr"] *= scale
 
     def _grad_norm(self) -> float:
         # Called after DeepSpeed's all-reduce at the boundary, so every rank holds the full averaged gradient.

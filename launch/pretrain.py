@@ -24,12 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run_config(args.config, overrides)
         from ds_trainer.pretrain import pretrain  # heavy imports only once the arguments are good
 
-        pretrain(run, args.ds_config)
+        return pretrain(run, args.ds_config)
     except DsTrainerError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
-    return 0
 
 
 if __name__ == "__main__":

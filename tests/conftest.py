@@ -62,9 +62,7 @@ def fp32(path: Path, base: str, **changes) -> Path:
     return write_ds_config(path, base, bf16={"enabled": False}, **changes)
 
 
-def run_pretrain(
-    args: list[str], ranks: int = 1, timeout: float = 600, env: dict | None = None
-) -> subprocess.CompletedProcess:
+def pretrain_command(args: list[str], ranks: int = 1, env: dict | None = None) -> tuple[list[str], dict]:
     """launch/pretrain.py in one plain process (ranks=0) or under the real `deepspeed` launcher."""
     script = str(REPO / "launch" / "pretrain.py")
     if ranks == 0:
@@ -74,7 +72,57 @@ def run_pretrain(
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(k, None)
+    return cmd, full_env
+
+
+def run_pretrain(
+    args: list[str], ranks: int = 1, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    cmd, full_env = pretrain_command(args, ranks, env)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+
+
+def start_pretrain(args: list[str], ranks: int = 1, env: dict | None = None, log: Path | None = None):
+    """Like run_pretrain, without waiting: a Popen whose output goes to `log`."""
+    cmd, full_env = pretrain_command(args, ranks, env)
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (the child owns it)
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=REPO)
+
+
+def rank_processes(run_dir: Path) -> list:
+    """Live rank processes of the run in `run_dir` (their command line names it), stopped ones included."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmd = proc.info["cmdline"] or []
+        is_rank = any(a.endswith("pretrain.py") for a in cmd) and any(
+            a.startswith("--local_rank") for a in cmd
+        )
+        if is_rank and str(run_dir) in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc)
+    return found
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 300) -> int:
+    """Block until metrics.jsonl shows a train step >= `step`; returns the newest step seen."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        f = run_dir / "metrics.jsonl"
+        if f.is_file():
+            steps = [json.loads(line)["step"] for line in f.read_text().splitlines() if "train/loss" in line]
+            if steps and max(steps) >= step:
+                return max(steps)
+        time.sleep(0.2)
+    raise TimeoutError(f"{run_dir} did not reach step {step} in {timeout} s")
+
+
+def ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    )
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -135,3 +183,71 @@ def requires_libaio() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail("libaio is missing under CI=true: .ci/run must apt-get install libaio-dev")
         pytest.skip("libaio missing: apt-get install libaio-dev")
+
+
+def service(make):
+    """Start a tests/services.py service for the session and stop what it started; outside CI a machine
+    that cannot run it (not root, packages missing) skips, under CI=true it must not."""
+    from services import ServiceUnavailable
+
+    svc = make()
+    try:
+        svc.start()
+    except ServiceUnavailable as e:
+        svc.stop()
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{e} under CI=true: .ci/run installs these as root", pytrace=False)
+        pytest.skip(str(e))
+    except BaseException:
+        svc.stop()
+        raise
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="session")
+def ssh_hosts():
+    """Hosts node1 and node2 (127.0.0.2, .3), each with its own sshd on port 22, reachable with `ssh`
+    and pdsh without prompts; `ssh_hosts.stop_host("node2")` makes one unreachable."""
+    from services import SshHosts
+
+    yield from service(SshHosts)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real one-node SLURM cluster; SLURM_CONF points at it for the session."""
+    from services import SlurmCluster
+
+    yield from service(SlurmCluster)
+
+
+def all_tensors(folder: Path) -> dict:
+    """Every tensor in every DeepSpeed file of a checkpoint, keyed by file and path inside it."""
+    import torch
+
+    out = {}
+
+    def walk(obj, key):
+        if isinstance(obj, torch.Tensor):
+            out[key] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{key}/{k}")
+        elif isinstance(obj, list | tuple):
+            for i, v in enumerate(obj):
+                walk(v, f"{key}/{i}")
+
+    for f in sorted(folder.glob("*_states.pt")):
+        walk(torch.load(f, map_location="cpu", weights_only=False), f.name)
+    return out
+
+
+def assert_bitwise(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"

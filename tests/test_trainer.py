@@ -13,6 +13,7 @@ from conftest import (
     REPO,
     fp32,
     losses,
+    ok,
     read_metrics,
     requires_libaio,
     run_pretrain,
@@ -20,12 +21,6 @@ from conftest import (
 )
 
 STEPS = 20
-
-
-def ok(proc) -> None:
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
-    )
 
 
 def final_weights(run_dir, step: int) -> dict[str, torch.Tensor]:
@@ -165,9 +160,12 @@ def test_clipping_applies_clipped_update_and_logs_raw_norm(stage, process_group,
     from ds_trainer.data import GlobalBatchSampler, SampleStream, build_datasets
     from ds_trainer.ds_config import resolve
     from ds_trainer.engine import build_engine
+    from ds_trainer.guard import GuardSettings, IncidentLog, LossGuard
     from ds_trainer.metrics import Metrics
     from ds_trainer.model import GPT
+    from ds_trainer.preemption import StopRequest
     from ds_trainer.trainer import LoopSettings, Trainer
+    from ds_trainer.watchdog import Watchdog
 
     run = load_run_config(
         None, ["--data.context_length", "32", "--train.micro_batch_size", "2", "--train.max_steps", "1"]
@@ -199,12 +197,17 @@ def test_clipping_applies_clipped_update_and_logs_raw_norm(stage, process_group,
         None,
         sampler,
         Progress(),
-        Checkpointer(None, 0, {}, {}),
+        Checkpointer(None, 0, 1, {}, {}),
         Metrics([], console=False),
         settings,
+        StopRequest(None, 1.0, 1),
+        Watchdog(0),
+        LossGuard(GuardSettings(0.0, 1, 0, 1.0, 0), 1),
+        IncidentLog(None),
     )
     batch_indices = GlobalBatchSampler(SampleStream(train.sizes(), None, seed=0), 2, 0, 1).next_step(1)[0]
-    _, grad_norm = trainer.train_step(2, want_grad_norm=True)
+    _, grad_norm, withheld = trainer.train_step(2, want_grad_norm=True)
+    assert withheld is None
 
     x, y = train.batch(batch_indices)
     reference(x, y).backward()
@@ -259,33 +262,6 @@ def test_tensorboard_holds_every_scalar_and_the_sample(tmp_path, verdict_path):
     samples = acc.Tensors("samples/text/text_summary")
     assert [s.step for s in samples] == [3, 6]
     assert samples[0].tensor_proto.string_val[0].decode().startswith("The meaning of")
-
-
-@pytest.mark.slow
-def test_resume_continues_exactly(tmp_path, verdict_path):
-    """A run stopped after its step-10 checkpoint and started again continues as if never stopped."""
-    ds = str(fp32(tmp_path / "ds.json", "zero1"))
-    extra = {"checkpoint.save_interval": 5, "model.dropout": 0.1}
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    ok(run_pretrain(["--ds_config", ds, *tiny_args(full, verdict_path, 15, **extra)], ranks=2))
-    ok(run_pretrain(["--ds_config", ds, *tiny_args(cut, verdict_path, 15, **extra)], ranks=2))
-    # Roll the second run back to its step-10 checkpoint, as if it had died before step 15.
-    shutil.rmtree(cut / "step_00000015")
-    (cut / "latest").write_text("step_00000010")
-    lines = [m for m in read_metrics(cut) if m["step"] <= 10]
-    (cut / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
-    proc = run_pretrain(["--ds_config", ds, *tiny_args(cut, verdict_path, 15, **extra)], ranks=2)
-    ok(proc)
-    assert f"resumed from {cut / 'step_00000010'} at step 10" in proc.stdout
-    a, b = losses(full), losses(cut)
-    assert sorted(b) == list(range(1, 16))
-    assert [b[s] for s in range(11, 16)] == [
-        a[s] for s in range(11, 16)
-    ]  # bitwise: RNG, data and schedule restored
-    # Weights: the first update after a resume differs in the last bit for a few percent of elements
-    # (seen with ZeRO 0 and 1, Adam moments still equal); bitwise weights are the checkpoint issue's to fix.
-    for k, v in final_weights(full, 15).items():
-        torch.testing.assert_close(final_weights(cut, 15)[k], v, atol=1e-6, rtol=0)
 
 
 @pytest.mark.slow

@@ -72,6 +72,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ds_trainer.atomic_io import fsync_dir, write_atomic
 from ds_trainer.errors import DsTrainerError
 from ds_trainer.tokenizer import EOT_ID, get_encoding, identity
 
@@ -969,13 +970,8 @@ class _ShardWriter:
 
 
 def _write_json_atomic(path: Path, obj: dict, indent: int | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(obj, indent=indent))  # dumps without indent: json's C encoder
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    # dumps without indent: json's C encoder. The folder is synced once by the caller.
+    write_atomic(path, json.dumps(obj, indent=indent) + "\n", sync_dir=False)
 
 
 def _write_metadata(folder: Path, metas: dict) -> None:
@@ -984,16 +980,7 @@ def _write_metadata(folder: Path, metas: dict) -> None:
     indent = 1 if len(metas["train"]["sources"]) <= 1000 else None
     for split in ("val", "train"):
         _write_json_atomic(folder / f"{split}.json", metas[split], indent)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    fsync_dir(folder)
 
 
 def _option_differences(old: dict, new: dict) -> str:
@@ -1402,7 +1389,7 @@ class _Preparation:
     def checkpoint(self, units_done: int) -> None:
         for w in self.writers.values():
             w.sync()
-        _fsync_dir(self.out)
+        fsync_dir(self.out)
         self.write_progress(units_done, done=False)
         for w in self.writers.values():
             w.commits = 0

@@ -1,0 +1,93 @@
+"""Fault injection for failure tests and drills: DS_TRAINER_FAULTS="kill@6:1,kill_in_save@8:1".
+
+Each entry is KIND@STEP[:RANK] (no rank: every rank). A fault fires once per run folder, in the process
+whose rank matches, when the run reaches that step: it is written to `<run>/faults_fired` before it
+acts, so the same command started again (which may replay that step after resuming) runs past it.
+  kill          SIGKILL this rank after the step's update.
+  kill_in_save  during the save at that step: truncate one of this rank's files to half, then SIGKILL.
+  nan           this rank's loss at that step becomes NaN (before backward, so its gradients are NaN too).
+  spike         this rank's loss at that step is multiplied by 10 (its gradients too).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from ds_trainer.errors import DsTrainerError
+
+ENV = "DS_TRAINER_FAULTS"
+KINDS = ("kill", "kill_in_save", "nan", "spike")
+LOSS_FACTORS = {"nan": float("nan"), "spike": 10.0}
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int
+    rank: int | None
+
+
+def parse(spec: str) -> list[Fault]:
+    faults = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        kind, _, where = item.partition("@")
+        step, _, rank = where.partition(":")
+        if kind not in KINDS or not step.isdigit() or (rank and not rank.isdigit()):
+            raise DsTrainerError(
+                f"{ENV}: cannot read {item!r}; write KIND@STEP[:RANK] with KIND one of {KINDS}"
+            )
+        faults.append(Fault(kind, int(step), int(rank) if rank else None))
+    return faults
+
+
+LEDGER = "faults_fired"
+
+
+class Faults:
+    def __init__(self, faults: list[Fault], rank: int, run_dir: Path) -> None:
+        self.mine = [f for f in faults if f.rank in (None, rank)]
+        self.rank = rank
+        self.ledger = run_dir / LEDGER
+
+    @classmethod
+    def from_env(cls, rank: int, run_dir: Path) -> Faults:
+        return cls(parse(os.environ.get(ENV, "")), rank, run_dir)
+
+    def due(self, kind: str, step: int) -> bool:
+        """True once for a fault of `kind` at `step`; recorded durably before the caller acts on it."""
+        if not any(f.kind == kind and f.step == step for f in self.mine):
+            return False
+        entry = f"{kind}@{step}:{self.rank}"
+        if self.ledger.is_file() and entry in self.ledger.read_text().split():
+            return False
+        self.ledger.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.ledger, "a") as f:
+            f.write(entry + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def loss_factor(self, step: int) -> float:
+        """What this rank multiplies its loss by at `step` (1.0: nothing injected)."""
+        for kind, factor in LOSS_FACTORS.items():
+            if self.due(kind, step):
+                return factor
+        return 1.0
+
+    def after_step(self, step: int) -> None:
+        if self.due("kill", step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def in_save(self, step: int, folder: Path, rank: int) -> None:
+        """Called once this rank's files of the save are written, before the save is committed."""
+        if not self.due("kill_in_save", step):
+            return
+        shards = sorted(p for p in folder.iterdir() if p.is_file() and f"rank_{rank}_" in p.name)
+        victim = shards[0] if shards else folder / f"rng_rank{rank:05d}.pt"
+        size = victim.stat().st_size
+        with open(victim, "r+b") as f:
+            f.truncate(size // 2)
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,154 @@
+"""launch/slurm/ on a real one-node SLURM: the batch script trains to the end, the chain runs in order."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from datetime import datetime
+
+import pytest
+from conftest import REPO, fp32, free_port, read_metrics, tiny_args
+
+SBATCH = REPO / "launch" / "slurm" / "pretrain.sbatch"
+CHAIN = REPO / "launch" / "slurm" / "submit_chain.sh"
+STEPS = 4
+
+
+def job_env(tmp_path, run_dir, verdict_path, steps: int = STEPS) -> dict[str, str]:
+    """The script's variables for a tiny one-rank CPU run (--checkpoint.dir comes from RUN_DIR)."""
+    args = tiny_args(run_dir, verdict_path, steps)
+    i = args.index("--checkpoint.dir")
+    del args[i : i + 2]
+    return {
+        **os.environ,
+        "GPUS_PER_NODE": "1",
+        "DS_CONFIG": str(fp32(tmp_path / "zero0.json", "zero0")),
+        "RUN_DIR": str(run_dir),
+        "EXTRA": " ".join(args),
+        "MASTER_PORT": str(free_port()),
+    }
+
+
+def steps_logged(run_dir) -> list[int]:
+    return [m["step"] for m in read_metrics(run_dir) if "train/loss" in m]
+
+
+def submit(env: dict[str, str], log) -> str:
+    """sbatch the script without waiting; returns the job id."""
+    proc = subprocess.run(
+        ["sbatch", "--parsable", f"--output={log}", str(SBATCH)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def when(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp)
+
+
+@pytest.mark.slow
+def test_sbatch_trains_to_the_end(slurm_cluster, tmp_path, verdict_path):
+    run_dir = tmp_path / "run"
+    log = tmp_path / "job.log"
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "--wait", f"--output={log}", str(SBATCH)],
+        env=job_env(tmp_path, run_dir, verdict_path),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = log.read_text() if log.exists() else ""
+    assert proc.returncode == 0, f"{proc.stderr}\n{out[-4000:]}"
+    job = slurm_cluster.job(proc.stdout.strip().split(";")[0])
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "0"), job
+    assert steps_logged(run_dir) == list(range(1, STEPS + 1)), out[-4000:]
+    # One rank, launched the single-node way, and the hostfile built from the allocation.
+    assert "deepspeed --num_gpus 1 --master_port" in out
+    assert (run_dir / f"hostfile.{job['JobId']}").read_text() == f"{slurm_cluster.node} slots=1\n"
+
+
+@pytest.mark.slow
+def test_chain_runs_one_after_the_other(slurm_cluster, tmp_path, verdict_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        ["bash", str(CHAIN), "2", f"--output={tmp_path}/%j.log"],
+        env=job_env(tmp_path, run_dir, verdict_path),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.split()
+    assert slurm_cluster.job(second)["Dependency"] in (f"afterany:{first}(unfulfilled)", f"afterany:{first}")
+
+    a = slurm_cluster.wait_job(first)
+    b = slurm_cluster.wait_job(second)
+    logs = {j: (tmp_path / f"{j}.log").read_text() for j in (first, second)}
+    assert (a["JobState"], a["ExitCode"]) == ("COMPLETED", "0:0"), logs[first][-4000:]
+    assert (b["JobState"], b["ExitCode"]) == ("COMPLETED", "0:0"), logs[second][-4000:]
+    assert when(b["StartTime"]) >= when(a["EndTime"]), (a["EndTime"], b["StartTime"])
+    # The second job found the first one's final checkpoint and had nothing left to train.
+    assert "resumed from" in logs[second] and f"at step {STEPS}" in logs[second], logs[second][-4000:]
+    assert steps_logged(run_dir) == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_exit_85_requeues_and_the_job_resumes(slurm_cluster, tmp_path, verdict_path):
+    """The script's side of preemption alone: a launcher exiting 85 gets the job requeued under the same
+    id, and the next attempt runs the real training to the end."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    real = shutil.which("deepspeed")
+    fake = bin_dir / "deepspeed"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then echo "stand-in launcher: preempted"; exit 85; fi\n'
+        f'exec {real} "$@"\n'
+    )
+    fake.chmod(0o755)
+    run_dir = tmp_path / "run"
+    log = tmp_path / "job.log"
+    env = job_env(tmp_path, run_dir, verdict_path)
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    job_id = submit(env, log)
+    job = slurm_cluster.wait_job(job_id, timeout=600)
+    out = log.read_text()
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), out[-4000:]
+    assert f"requeueing job {job_id}" in out and "attempt 2" in out, out[-4000:]
+    assert steps_logged(run_dir) == list(range(1, STEPS + 1)), out[-4000:]
+
+
+@pytest.mark.slow
+def test_preempted_job_requeues_and_resumes(slurm_cluster, tmp_path, verdict_path):
+    """SLURM's warning signal reaches the ranks through the script; the trainer saves and exits 85; the
+    script requeues the job, which resumes from the checkpoint and trains each step exactly once."""
+    steps = 30
+    run_dir = tmp_path / "run"
+    log = tmp_path / "job.log"
+    job_id = submit(job_env(tmp_path, run_dir, verdict_path, steps), log)
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and len(steps_logged(run_dir)) >= 3:
+            break
+        assert slurm_cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), log.read_text()[-4000:]
+        time.sleep(0.5)
+    # What --signal=B:USR1@120 does near the time limit: USR1 to the batch shell alone.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+
+    job = slurm_cluster.wait_job(job_id, timeout=600)
+    out = log.read_text()
+    assert "SIGUSR1: forwarding to the ranks" in out, out[-4000:]
+    assert "launcher exited with 85" in out and f"requeueing job {job_id}" in out, out[-4000:]
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), out[-4000:]
+    assert "resumed from" in out, out[-4000:]
+    assert sorted(steps_logged(run_dir)) == list(range(1, steps + 1)), out[-4000:]
