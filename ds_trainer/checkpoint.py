@@ -314,7 +314,6 @@ class Checkpointer:
         verify_mode: str = "checksum",
         keep_last: int = 0,
         keep_every: int = 0,
-        log: Callable[[str], None] = print,
         faults: Faults | None = None,
     ) -> None:
         self.dir = directory
@@ -326,7 +325,6 @@ class Checkpointer:
         self.verify_mode = verify_mode
         self.keep_last = keep_last
         self.keep_every = keep_every
-        self.log = log
         self.faults = faults
         self.resumed_step: int | None = None
         self.last_save_seconds = 0.0

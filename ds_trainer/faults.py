@@ -4,6 +4,7 @@ Each entry is KIND@STEP[:RANK] (no rank: every rank). A fault fires once per run
 whose rank matches, when the run reaches that step: it is written to `<run>/faults_fired` before it
 acts, so the same command started again (which may replay that step after resuming) runs past it.
   kill          SIGKILL this rank after the step's update.
+  stop          SIGSTOP this rank after the step's update: a hang, for the watchdog to catch.
   kill_in_save  during the save at that step: truncate one of this rank's files to half, then SIGKILL.
   nan           this rank's loss at that step becomes NaN (before backward, so its gradients are NaN too).
   spike         this rank's loss at that step is multiplied by 10 (its gradients too).
@@ -19,7 +20,7 @@ from pathlib import Path
 from ds_trainer.errors import DsTrainerError
 
 ENV = "DS_TRAINER_FAULTS"
-KINDS = ("kill", "kill_in_save", "nan", "spike")
+KINDS = ("kill", "stop", "kill_in_save", "nan", "spike")
 LOSS_FACTORS = {"nan": float("nan"), "spike": 10.0}
 
 
@@ -80,6 +81,8 @@ class Faults:
     def after_step(self, step: int) -> None:
         if self.due("kill", step):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.due("stop", step):
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def in_save(self, step: int, folder: Path, rank: int) -> None:
         """Called once this rank's files of the save are written, before the save is committed."""

@@ -124,7 +124,6 @@ def pretrain(run: RunConfig, ds_config_path: str | None) -> int:
         verify_mode=c.verify,
         keep_last=c.keep_last,
         keep_every=c.keep_every,
-        log=metrics.print,
         faults=faults,
     )
     plan = None

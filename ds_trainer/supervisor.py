@@ -535,13 +535,15 @@ def kill_pids(pids: Sequence[int], wait: float = 10.0) -> list[int]:
     return left
 
 
-def kill_remote_ranks(host: str, pattern: str, timeout: float, ssh_port: int | None = None) -> str:
-    """`pkill -KILL -f PATTERN` on `host` over ssh: 'killed', 'none', or why it could not be done."""
+def kill_remote_ranks(
+    host: str, pattern: str, timeout: float, ssh_port: int | None = None, sig: str = "KILL"
+) -> str:
+    """`pkill -SIG -f PATTERN` on `host` over ssh: 'killed' (signalled), 'none', or why it could not be done."""
     cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, int(timeout))}"]
     cmd += ["-p", str(ssh_port)] if ssh_port else []
     try:
         r = subprocess.run(
-            [*cmd, host, f"pkill -KILL -f -- {shlex.quote(pattern)}"],
+            [*cmd, host, f"pkill -{sig} -f -- {shlex.quote(pattern)}"],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -714,13 +716,30 @@ class Supervisor:
         return (code if code >= 0 else 128 - code), pgid
 
     def on_signal(self, signum: int, _frame: object = None) -> None:
-        """SIGTERM/SIGINT to the supervisor: pass SIGTERM to the attempt's group (the launcher stops its ranks,
-        the trainer saves and exits 85 where it handles TERM), and do not relaunch."""
+        """SIGTERM/SIGUSR1/SIGINT to the supervisor: no relaunch, and the signal goes to the ranks themselves,
+        which save and exit 85 (the launcher passes that code on). Not to the launcher: it dies of SIGUSR1
+        and answers SIGTERM with a second SIGTERM to each rank, which would cut the save short."""
         self._stopping = signum
         child = self._child
-        if child is not None:
+        if child is None:
+            return
+        sig = signal.SIGTERM if signum == signal.SIGINT else signal.Signals(signum)
+        pattern = self.launch.rank_pattern()
+        if pattern is None:  # the ranks cannot be told apart from other runs': the whole attempt, as a group
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signal.SIGTERM)
+            return
+        rx = re.compile(pattern)
+        for pid in _pids():
+            if _alive(pid) and rx.search(" ".join(_proc_cmdline(pid))):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+        if self.launch.multi_node and self.launch.hosts:
+            name = sig.name.removeprefix("SIG")
+            on_each_host(
+                list(self.launch.hosts),
+                lambda h: kill_remote_ranks(h, pattern, 10.0, self.launch.ssh_port, sig=name),
+            )
 
     def _clean_up(self, attempt: int, pgid: int) -> None:
         """The launcher kills its ranks when one dies; check that nothing of the attempt is left before the
@@ -760,6 +779,6 @@ def main(argv: Sequence[str]) -> int:
         return e.exit_code
     run_dir.mkdir(parents=True, exist_ok=True)
     sup = Supervisor(opts, launch, run_dir, RestartLog(run_dir))
-    signal.signal(signal.SIGTERM, sup.on_signal)
-    signal.signal(signal.SIGINT, sup.on_signal)
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, sup.on_signal)
     return sup.run()

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -364,3 +365,54 @@ def test_unreachable_host_is_excluded_and_the_run_finishes_on_the_other(ssh_host
     assert [tokens[s] for s in range(1, STEPS + 1)] == [4 * 32 * s for s in range(1, STEPS + 1)]
     timings = recovery_timings(run, 5)
     print(f"2 hosts -> 1, kill@5: timings {timings}")
+
+
+@pytest.mark.slow
+def test_hung_rank_is_caught_by_the_watchdog_and_the_run_finishes(tmp_path, verdict_path):
+    """Rank 1 stops itself (SIGSTOP) after step 3: rank 0's watchdog dumps stacks, ends the stopped peer
+    and exits; the supervisor relaunches and the run reaches its last step."""
+    ds = str(fp32(tmp_path / "ds.json", "zero1"))
+    run = tmp_path / "run"
+    extra = {"checkpoint.save_interval": SAVE, "train.watchdog_timeout": 10}
+    proc = resilient(
+        ["--backoff", "1", "--max_restarts", "2", "--num_gpus", "2", "--master_port", str(free_port())]
+        + [
+            str(REPO / "launch" / "pretrain.py"),
+            "--ds_config",
+            ds,
+            *tiny_args(run, verdict_path, 8, **extra),
+        ],
+        env={"DS_TRAINER_FAULTS": "stop@3:1"},
+    )
+    ok(proc)
+    events = restart_events(run)
+    exits = [e["exit_code"] for e in events if e["event"] == "exit"]
+    assert len(exits) == 2 and exits[0] not in (0, 2, REQUEUE_EXIT) and exits[1] == 0
+    assert "made no progress for 1" in proc.stdout + proc.stderr
+    assert "killing stopped peer process" in proc.stdout + proc.stderr
+    assert f"resumed from {run / 'step_00000002'} at step 2" in proc.stdout
+    assert max(m["step"] for m in read_metrics(run)) == 8
+
+
+@pytest.mark.slow
+def test_sigusr1_to_the_supervisor_reaches_the_ranks_and_is_not_retried(tmp_path, verdict_path):
+    from conftest import rank_processes, wait_for_step
+
+    ds = str(fp32(tmp_path / "ds.json", "zero1"))
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launch" / "resilient.py"), "--backoff", "1", "--num_gpus", "2"]
+    cmd += ["--master_port", str(free_port()), str(REPO / "launch" / "pretrain.py"), "--ds_config", ds]
+    cmd += tiny_args(run, verdict_path, 400)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    sup = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        seen = wait_for_step(run, 3)
+        sup.send_signal(signal.SIGUSR1)
+        assert sup.wait(timeout=120) == REQUEUE_EXIT
+    finally:
+        sup.kill()
+    stopped = int((run / "latest").read_text().removeprefix("step_"))
+    assert seen <= stopped <= seen + 2
+    events = restart_events(run)
+    assert [e["event"] for e in events].count("launch") == 1 and events[-1]["event"] == "stop"
+    assert rank_processes(run) == []
