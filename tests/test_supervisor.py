@@ -249,6 +249,18 @@ def resilient(args: list[str], env: dict | None = None, timeout: float = 900) ->
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
 
 
+def resilient_two_ranks(ds: str, run_dir: Path, steps: int, extra: dict, faults: str, verdict_path: Path):
+    """launch/resilient.py over 2 local ranks of launch/pretrain.py, with faults to inject."""
+    args = ["--backoff", "1", "--max_restarts", "2", "--num_gpus", "2", "--master_port", str(free_port())]
+    args += [
+        str(REPO / "launch" / "pretrain.py"),
+        "--ds_config",
+        ds,
+        *tiny_args(run_dir, verdict_path, steps, **extra),
+    ]
+    return resilient(args, env={"DS_TRAINER_FAULTS": faults})
+
+
 def restart_events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / RESTART_LOG).read_text().splitlines()]
 
@@ -285,16 +297,7 @@ def test_killed_rank_is_restarted_and_the_run_ends_bitwise_equal(tmp_path, verdi
     full, cut = tmp_path / "full", tmp_path / "cut"
     ok(run_pretrain(["--ds_config", ds, *tiny_args(full, verdict_path, STEPS, **extra)], ranks=2))
 
-    proc = resilient(
-        ["--backoff", "1", "--max_restarts", "2", "--num_gpus", "2", "--master_port", str(free_port())]
-        + [
-            str(REPO / "launch" / "pretrain.py"),
-            "--ds_config",
-            ds,
-            *tiny_args(cut, verdict_path, STEPS, **extra),
-        ],
-        env={"DS_TRAINER_FAULTS": f"kill@{kill_step}:1"},
-    )
+    proc = resilient_two_ranks(ds, cut, STEPS, extra, f"kill@{kill_step}:1", verdict_path)
     ok(proc)
     events = restart_events(cut)
     assert [e["event"] for e in events].count("restart") == 1
@@ -374,16 +377,7 @@ def test_hung_rank_is_caught_by_the_watchdog_and_the_run_finishes(tmp_path, verd
     ds = str(fp32(tmp_path / "ds.json", "zero1"))
     run = tmp_path / "run"
     extra = {"checkpoint.save_interval": SAVE, "train.watchdog_timeout": 10}
-    proc = resilient(
-        ["--backoff", "1", "--max_restarts", "2", "--num_gpus", "2", "--master_port", str(free_port())]
-        + [
-            str(REPO / "launch" / "pretrain.py"),
-            "--ds_config",
-            ds,
-            *tiny_args(run, verdict_path, 8, **extra),
-        ],
-        env={"DS_TRAINER_FAULTS": "stop@3:1"},
-    )
+    proc = resilient_two_ranks(ds, run, 8, extra, "stop@3:1", verdict_path)
     ok(proc)
     events = restart_events(run)
     exits = [e["exit_code"] for e in events if e["event"] == "exit"]
