@@ -32,7 +32,7 @@ def test_no_progress_dumps_all_stacks_and_exits_nonzero():
     assert proc.returncode == EXIT_HANG
     assert proc.stdout.strip() == "progress ok"  # regular beats kept it alive
     assert 2.0 < time.monotonic() - started < 15
-    assert "watchdog: rank 0 made no progress for 1 s; stacks:" in proc.stderr
+    assert "(timeout 1 s); stacks:" in proc.stderr and "watchdog: rank 0 made no progress" in proc.stderr
     assert proc.stderr.count("Thread 0x") >= 2  # the main thread and the helper thread
 
 
@@ -60,6 +60,6 @@ def test_stopped_rank_takes_the_job_down_within_timeout_plus_30s(tmp_path, verdi
     log = (tmp_path / "log").read_text()
     assert code != 0
     assert took < timeout + 30, took
-    assert "made no progress for 15 s; stacks:" in log and "Thread 0x" in log, log[-3000:]
+    assert "(timeout 15 s); stacks:" in log and "Thread 0x" in log, log[-3000:]
     assert "killing stopped peer process" in log
     assert rank_processes(run) == []
