@@ -52,7 +52,7 @@ class Watchdog:
             if idle > self.timeout_s:
                 rank = os.environ.get("RANK", "0")
                 print(
-                    f"watchdog: rank {rank} made no progress for {idle:.0f} s; stacks:",
+                    f"watchdog: rank {rank} made no progress for {idle:.0f} s (timeout {self.timeout_s:g} s); stacks:",
                     file=sys.stderr,
                     flush=True,
                 )
