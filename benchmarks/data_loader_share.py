@@ -25,9 +25,12 @@ def main() -> None:
     from ds_trainer.data import GlobalBatchSampler, SampleStream, build_datasets
     from ds_trainer.ds_config import load_ds_json, resolve
     from ds_trainer.engine import build_engine, init_distributed
+    from ds_trainer.guard import GuardSettings, IncidentLog, LossGuard
     from ds_trainer.metrics import Metrics
     from ds_trainer.model import GPT
+    from ds_trainer.preemption import StopRequest
     from ds_trainer.trainer import LoopSettings, Trainer
+    from ds_trainer.watchdog import Watchdog
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(SHARED / "data" / "tinyshakespeare.txt"))
@@ -67,9 +70,13 @@ def main() -> None:
         None,
         sampler(),
         Progress(),
-        Checkpointer(Path("."), 0, {}, {}),
+        Checkpointer(Path("."), 0, 1, {}, {}),
         Metrics([], console=False),
         settings,
+        StopRequest(None, 600.0, 1),
+        Watchdog(1800.0),
+        LossGuard(GuardSettings(2.0, 100, 3, 0.5, 100), 1),
+        IncidentLog(None),
     )
     trainer.train_step(ds.train_batch_size, want_grad_norm=False)  # warm-up: allocations, first-call costs
 

@@ -302,6 +302,7 @@ def resolve(
 
     _resolve_optimizer_and_schedule(cfg, source, run, total_steps, problems)
     problems += device_problems(cfg, source, accelerator)
+    _resolve_activation_checkpointing(cfg, source, run, problems)
     stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
     if stages > 1 and stage > 1:
         problems.append(
@@ -366,8 +367,16 @@ def _resolve_optimizer_and_schedule(
     initial = 0.0 if t.initial_lr is None else t.initial_lr
     min_lr = peak / 10 if t.min_lr is None else t.min_lr
     default_warmup = max(2, round(0.1 * total_steps))
-    if _is_auto(p.get("total_num_steps")):
+    given_total = p.get("total_num_steps", AUTO)
+    if _is_auto(given_total):
         p["total_num_steps"] = total_steps
+    elif given_total != total_steps:
+        # A schedule of another length decays too early or never reaches min_lr; say so instead of training on it.
+        length = f"train.max_steps={t.max_steps}" if t.max_steps is not None else f"train.epochs={t.epochs}"
+        problems.append(
+            f"{source}: scheduler.params.total_num_steps={given_total} disagrees with the run's {total_steps} steps "
+            f'({length}); set it to "auto" or {total_steps}'
+        )
     p["warmup_num_steps"] = _pick(
         p.get("warmup_num_steps", AUTO),
         t.warmup_steps,
@@ -394,6 +403,28 @@ def _resolve_optimizer_and_schedule(
             'describe a linear warm-up; set warmup_type to "linear"'
         )
     p.setdefault("warmup_type", "linear")
+
+
+def _resolve_activation_checkpointing(
+    cfg: dict[str, Any], source: str, run: RunConfig, problems: list[str]
+) -> None:
+    """number_checkpoints "auto" is one per transformer block; settings DeepSpeed would assert on are problems."""
+    ac = cfg.get("activation_checkpointing")
+    if ac is None:
+        return
+    if ac.get("number_checkpoints") == AUTO:
+        ac["number_checkpoints"] = run.gpt_config().n_layer
+    if ac.get("contiguous_memory_optimization"):
+        # DeepSpeed copies the saved activations of every checkpoint into one buffer cut from partitions.
+        if not ac.get("partition_activations"):
+            problems.append(
+                f"{source}: activation_checkpointing.contiguous_memory_optimization needs partition_activations=true"
+            )
+        if ac.get("number_checkpoints") is None:
+            problems.append(
+                f"{source}: activation_checkpointing.contiguous_memory_optimization needs number_checkpoints "
+                f'(the number of transformer blocks, or "auto")'
+            )
 
 
 def device_problems(cfg: dict[str, Any], source: str, accelerator: str) -> list[str]:

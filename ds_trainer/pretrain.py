@@ -188,9 +188,10 @@ def pretrain(run: RunConfig, ds_config_path: str | None) -> int:
     with torch.device("meta"):  # shape only: counts parameters at any size, whatever the layout
         n_params = GPT(gpt_config).num_parameters()
     layout = f"{ds.pipeline_stages} pipeline stages x " if ds.pipeline_stages > 1 else ""
+    precision = "bf16" if ds.bf16 else "fp16" if ds.fp16 else "fp32"
     metrics.print(
         f"ds_trainer {__version__} | {gpt_config.n_layer} layers, {n_params:,} parameters | "
-        f"{n_train:,} train windows of {run.context_length} | ZeRO-{ds.zero_stage} on {world} rank(s) "
+        f"{n_train:,} train windows of {run.context_length} | ZeRO-{ds.zero_stage} {precision} on {world} rank(s) "
         f"({layout}{dp_size} data-parallel), global batch {ds.train_batch_size} = {ds.micro_batch_size} x "
         f"{ds.gradient_accumulation_steps} x {dp_size} | {ds.total_steps} steps"
     )

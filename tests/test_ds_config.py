@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,20 @@ def test_json_lr_that_disagrees_with_peak_lr():
     raw["optimizer"]["params"]["lr"] = 0.01
     msg = resolve_error(raw, run("--train.peak_lr", "0.002"))
     assert "optimizer.params.lr=0.01 disagrees with train.peak_lr=0.002" in msg
+
+
+def test_json_schedule_length_that_disagrees_with_the_run():
+    raw = ds()
+    raw["scheduler"]["params"]["total_num_steps"] = 12
+    msg = resolve_error(raw, run("--train.max_steps", "20"))
+    assert (
+        'scheduler.params.total_num_steps=12 disagrees with the run\'s 20 steps (train.max_steps=20); set it to "auto" or 20'
+        in msg
+    )
+    raw["scheduler"]["params"]["total_num_steps"] = 20
+    assert (
+        do_resolve(raw, run("--train.max_steps", "20")).config["scheduler"]["params"]["total_num_steps"] == 20
+    )
 
 
 def test_default_schedule():
@@ -337,3 +352,30 @@ def test_rampup_counts_optimizer_steps_and_checks_the_start_batch():
     assert "train.rampup_start_batch=3 must be a multiple of micro batch 2 × 2 ranks" in resolve_error(
         run_cfg=bad, world=2
     )
+
+
+@pytest.mark.parametrize("name", ["pipeline_2stage", "pipeline_4stage"])
+def test_shipped_pipeline_recipes_resolve_with_the_json_they_name(name):
+    """The recipe's own command line (its header comment) names the JSON; 2 data-parallel pipelines."""
+    from ds_trainer.pipeline import parse_partition
+
+    path = REPO / "ds_configs" / "runs" / f"{name}.yaml"
+    json_path = re.search(r"--ds_config (\S+)", path.read_text()).group(1)
+    run_cfg = load_run_config(str(path))
+    stages = run_cfg.pipeline.stages
+    raw, source = load_ds_json(str(REPO / json_path))
+    r = resolve(raw, source, run_cfg, 2 * stages, 10**7, "cuda")
+    assert (r.pipeline_stages, r.data_parallel_size) == (stages, 2)
+    assert r.gradient_accumulation_steps == run_cfg.pipeline.micro_batches
+    bounds = parse_partition(run_cfg.pipeline.partition, run_cfg.gpt_config().n_layer, stages)
+    assert bounds in ("parameters", "uniform") or len(bounds) == stages + 1
+
+
+def test_activation_checkpointing_settings():
+    ac = {"partition_activations": False, "contiguous_memory_optimization": True, "number_checkpoints": None}
+    msg = resolve_error(ds(activation_checkpointing=ac))
+    assert "activation_checkpointing.contiguous_memory_optimization needs partition_activations=true" in msg
+    assert "activation_checkpointing.contiguous_memory_optimization needs number_checkpoints" in msg
+    ac = {"partition_activations": True, "contiguous_memory_optimization": True, "number_checkpoints": "auto"}
+    r = do_resolve(ds(activation_checkpointing=ac), run("--model.preset", "gpt2"))
+    assert r.config["activation_checkpointing"]["number_checkpoints"] == 12  # one per block

@@ -140,14 +140,34 @@ def test_activation_checkpointing_trains_to_the_same_losses(tmp_path, verdict_pa
     import numpy as np
     from conftest import fp32, losses, run_pretrain, tiny_args
 
+    # Every option of the JSON section on: partitioning (a no-op without tensor parallelism), copies of the
+    # checkpoints in host memory, and one contiguous buffer for them.
+    every_option = {
+        "partition_activations": True,
+        "cpu_checkpointing": True,
+        "contiguous_memory_optimization": True,
+        "number_checkpoints": "auto",
+    }
+    variants = {
+        "zero1": {},
+        "zero1_activation_checkpointing": {},
+        "every_option": {"activation_checkpointing": every_option},
+    }
     got = {}
-    for base in ("zero1", "zero1_activation_checkpointing"):
-        ds = fp32(tmp_path / f"{base}.json", base)
-        proc = run_pretrain(["--ds_config", str(ds), *tiny_args(tmp_path / base, verdict_path, 8)], ranks=0)
+    for name, extra in variants.items():
+        ds = fp32(
+            tmp_path / f"{name}.json",
+            "zero1" if name == "zero1" else "zero1_activation_checkpointing",
+            **extra,
+        )
+        proc = run_pretrain(["--ds_config", str(ds), *tiny_args(tmp_path / name, verdict_path, 8)], ranks=0)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        got[base] = losses(tmp_path / base)
-    a, b = got["zero1"], got["zero1_activation_checkpointing"]
-    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], atol=1e-5, rtol=0)
+        got[name] = losses(tmp_path / name)
+    a = got["zero1"]
+    for name in ("zero1_activation_checkpointing", "every_option"):
+        b = got[name]
+        assert sorted(b) == list(range(1, 9))
+        np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], atol=1e-5, rtol=0)
 
 
 def test_stale_build_locks_are_removed(tmp_path):
@@ -193,3 +213,27 @@ def test_two_rank_run_leaves_no_shared_memory_behind(tmp_path, verdict_path):
     r = run_pretrain(tiny_args(tmp_path / "run", verdict_path, steps=2), ranks=2)
     assert r.returncode == 0, r.stderr[-2000:]
     assert set(SHM_DIR.glob(SHM_PREFIX + "*")) - before == set()
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_no_decay_group_survives_deepspeed_initialize(stage, process_group):
+    """DeepSpeed rebuilds the optimizer's groups (ZeRO-2 flattens them); the no-decay group must keep 0."""
+    import copy
+
+    from ds_trainer.config import load_run_config
+    from ds_trainer.ds_config import DEFAULT_DS_CONFIG, resolve
+    from ds_trainer.engine import build_engine
+    from ds_trainer.guard import innermost_optimizer
+
+    run = load_run_config(None, ["--train.max_steps", "1"])
+    raw = copy.deepcopy(DEFAULT_DS_CONFIG)
+    raw["zero_optimization"] = {"stage": stage}
+    ds = resolve(raw, "test", run, 1, 1000, "cpu")
+    model = GPT(run.gpt_config())
+    sizes = [sum(p.numel() for p in g["params"]) for g in parameter_groups(model)]
+    engine = build_engine(model, ds)
+    groups = innermost_optimizer(engine).param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    got = [sum(p.numel() for p in g["params"]) for g in groups]
+    # ZeRO pads each flat group to an alignment boundary (a few elements).
+    assert got == pytest.approx(sizes, abs=64), (got, sizes)

@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import REPO, fp32, free_port, losses, run_pretrain, tiny_args
+from conftest import REPO, fp32, free_port, losses, read_metrics, run_pretrain, tiny_args
 
 STEPS = 6
 
@@ -20,14 +20,11 @@ def rank_pids(run_dir) -> list[int]:
     return [int(p) for p in r.stdout.split()]
 
 
-@pytest.mark.slow
-def test_two_nodes_match_two_local_ranks(ssh_hosts, tmp_path, verdict_path):
-    ds = fp32(tmp_path / "zero3.json", "zero3")
-    hostfile = ssh_hosts.write_hostfile(tmp_path / "hostfile", slots=1)
+def launch_on_two_nodes(ssh_hosts, tmp_path, slots: int, args: list[str]) -> str:
+    """`deepspeed --hostfile` over node1 and node2 through pdsh; returns the launcher's output."""
+    hostfile = ssh_hosts.write_hostfile(tmp_path / "hostfile", slots=slots)
     # pdsh's ssh shell starts bare; DeepSpeed exports what this file lists to every node.
     env_file = ssh_hosts.write_env_file(tmp_path / "deepspeed_env")
-
-    multi = tmp_path / "multi"
     cmd = [
         "deepspeed",
         "--hostfile", str(hostfile),
@@ -35,8 +32,7 @@ def test_two_nodes_match_two_local_ranks(ssh_hosts, tmp_path, verdict_path):
         "--master_addr", ssh_hosts.HOSTS["node1"],
         "--master_port", str(free_port()),
         str(REPO / "launch" / "pretrain.py"),
-        "--ds_config", str(ds),
-        *tiny_args(multi, verdict_path, STEPS),
+        *args,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "DS_ENV_FILE": str(env_file)}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -44,8 +40,25 @@ def test_two_nodes_match_two_local_ranks(ssh_hosts, tmp_path, verdict_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    # Both hosts ran a rank: pdsh prefixes each remote line with its host.
+    # Both hosts ran ranks: pdsh prefixes each remote line with its host.
     assert "node1:" in out and "node2:" in out, out[-4000:]
+    return out
+
+
+def assert_no_ranks_left(run_dir) -> None:
+    deadline = time.monotonic() + 15
+    while rank_pids(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert rank_pids(run_dir) == [], "rank processes outlived the launcher"
+
+
+@pytest.mark.slow
+def test_two_nodes_match_two_local_ranks(ssh_hosts, tmp_path, verdict_path):
+    ds = fp32(tmp_path / "zero3.json", "zero3")
+    multi = tmp_path / "multi"
+    launch_on_two_nodes(
+        ssh_hosts, tmp_path, 1, ["--ds_config", str(ds), *tiny_args(multi, verdict_path, STEPS)]
+    )
 
     local = tmp_path / "local"
     ref = run_pretrain(["--ds_config", str(ds), *tiny_args(local, verdict_path, STEPS)], ranks=2)
@@ -55,8 +68,46 @@ def test_two_nodes_match_two_local_ranks(ssh_hosts, tmp_path, verdict_path):
     assert sorted(got) == list(range(1, STEPS + 1)) and sorted(want) == sorted(got)
     for step in want:
         assert got[step] == pytest.approx(want[step], abs=1e-6), (step, got, want)
+    assert_no_ranks_left(multi)
 
-    deadline = time.monotonic() + 15
-    while rank_pids(multi) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert rank_pids(multi) == [], "rank processes outlived the launcher"
+
+@pytest.mark.slow
+def test_pipeline_stages_on_two_nodes_match_plain_data_parallel(ssh_hosts, tmp_path, verdict_path):
+    """2 stages x 2 data-parallel ranks with 2 slots per host: DeepSpeed's topology puts stage 0 on
+    ranks 0-1 (node1) and stage 1 on ranks 2-3 (node2), so activations and the tied embedding's
+    gradient cross hosts. The same global batch (micro 2 x 2 micro-batches x 2) on 2 local ranks
+    without a pipeline gives the same losses, and evaluation and sampling run through the stages."""
+    ds = fp32(tmp_path / "zero1.json", "zero1")
+    extra = {
+        "train.gradient_accumulation_steps": 2,
+        "train.peak_lr": 3e-3,
+        "eval.interval": STEPS,
+        "eval.iters": 2,
+        "eval.sample_tokens": 4,
+    }
+    multi = tmp_path / "multi"
+    out = launch_on_two_nodes(
+        ssh_hosts,
+        tmp_path,
+        2,
+        [
+            "--ds_config", str(ds),
+            *tiny_args(multi, verdict_path, STEPS, **extra),
+            "--pipeline.stages", "2",
+            "--pipeline.partition", "blocks:1,1",
+        ],
+    )  # fmt: skip
+    assert "ZeRO-1 fp32 on 4 rank(s) (2 pipeline stages x 2 data-parallel)" in out, out[-4000:]
+    assert out.count(f"sample step {STEPS}") == 1, out[-4000:]
+
+    local = tmp_path / "local"
+    ref = run_pretrain(["--ds_config", str(ds), *tiny_args(local, verdict_path, STEPS, **extra)], ranks=2)
+    assert ref.returncode == 0, (ref.stdout + ref.stderr)[-4000:]
+
+    got, want = losses(multi), losses(local)
+    assert sorted(got) == list(range(1, STEPS + 1)) and sorted(want) == sorted(got)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-3), (step, got, want)
+    val = [[m["val/loss"] for m in read_metrics(d) if "val/loss" in m] for d in (multi, local)]
+    assert len(val[0]) == 1 and val[0] == pytest.approx(val[1], abs=1e-3), val
+    assert_no_ranks_left(multi)

@@ -30,8 +30,8 @@ def val_losses(run_dir) -> dict[int, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("partition", ["parameters", "blocks:1,1"])
-def test_two_stages_match_the_plain_model_and_resume(partition, tmp_path, verdict_path):
+def test_two_stages_match_the_plain_model_and_resume(tmp_path, verdict_path):
+    """Explicit `blocks:` bounds and 2 data-parallel pipelines run in tests/test_multinode.py."""
     ds = str(fp32(tmp_path / "ds.json", "zero1"))
     extra = {
         "train.gradient_accumulation_steps": 2,
@@ -51,7 +51,7 @@ def test_two_stages_match_the_plain_model_and_resume(partition, tmp_path, verdic
         "--pipeline.stages",
         "2",
         "--pipeline.partition",
-        partition,
+        "parameters",
     ]
     proc = run_pretrain(piped_args, ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:]

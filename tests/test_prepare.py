@@ -326,7 +326,7 @@ def test_jsonl_errors_name_file_and_line(tmp_path, capsys):
     assert meta["cleaning"]["bad_records_skipped"] == 5
 
 
-def test_invalid_utf8_policies(tmp_path):
+def test_invalid_utf8_policies(tmp_path, capsys):
     f = tmp_path / "bad.txt"
     f.write_bytes(b"caf\xc3\xa9 ok then \xff bad")
     good = tmp_path / "good.txt"
@@ -338,8 +338,11 @@ def test_invalid_utf8_policies(tmp_path):
     s = run([good, f], tmp_path / "o2", invalid_utf8="replace")
     assert documents(tmp_path / "o2") == ["fine text", "caf\u00e9 ok then \ufffd bad"]
     assert json.loads((tmp_path / "o2" / "train.json").read_text())["cleaning"]["invalid_utf8_documents"] == 1
+    assert s["invalid_utf8_documents"] == 1
+    assert "warning: 1 documents had invalid UTF-8; kept with U+FFFD" in capsys.readouterr().err
     s = run([good, f], tmp_path / "o3", invalid_utf8="skip")
     assert documents(tmp_path / "o3") == ["fine text"] and s["dropped"]["invalid_utf8"] == 1
+    assert "warning: 1 documents had invalid UTF-8; dropped (--invalid_utf8 skip)" in capsys.readouterr().err
     j = tmp_path / "bad.jsonl"
     j.write_bytes(b'{"text": "a"}\n{"text": "b\xfe"}\n')
     with pytest.raises(DsTrainerError, match=rf"{j}:2: not valid UTF-8"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -29,16 +30,23 @@ def final_weights(run_dir, step: int) -> dict[str, torch.Tensor]:
     return states["module"]
 
 
+# Evaluation and a sample at the last step: under ZeRO-3 both run on partitioned parameters.
+VARIANT = {"train.peak_lr": 3e-3, "eval.interval": STEPS, "eval.iters": 2, "eval.sample_tokens": 4}
+
+
+def val_loss(run_dir) -> list[float]:
+    return [m["val/loss"] for m in read_metrics(run_dir) if "val/loss" in m]
+
+
 @pytest.fixture(scope="module")
 def zero0_two_ranks(tmp_path_factory, verdict_path):
     d = tmp_path_factory.mktemp("zero0")
     ds = fp32(d / "ds.json", "zero0")
     proc = run_pretrain(
-        ["--ds_config", str(ds), *tiny_args(d / "run", verdict_path, STEPS, **{"train.peak_lr": 3e-3})],
-        ranks=2,
+        ["--ds_config", str(ds), *tiny_args(d / "run", verdict_path, STEPS, **VARIANT)], ranks=2
     )
     ok(proc)
-    return losses(d / "run")
+    return losses(d / "run"), val_loss(d / "run")
 
 
 @pytest.mark.slow
@@ -59,12 +67,7 @@ def test_zero_variants_match_zero0_on_two_ranks(base, tmp_path, verdict_path, ze
     else:
         ds = fp32(tmp_path / "ds.json", base)
     proc = run_pretrain(
-        [
-            "--ds_config",
-            str(ds),
-            *tiny_args(tmp_path / "run", verdict_path, STEPS, **{"train.peak_lr": 3e-3}),
-        ],
-        ranks=2,
+        ["--ds_config", str(ds), *tiny_args(tmp_path / "run", verdict_path, STEPS, **VARIANT)], ranks=2
     )
     ok(proc)
     got = losses(tmp_path / "run")
@@ -72,8 +75,11 @@ def test_zero_variants_match_zero0_on_two_ranks(base, tmp_path, verdict_path, ze
     values = np.array([got[s] for s in range(1, STEPS + 1)])
     assert np.isfinite(values).all()
     assert values[-5:].mean() < values[:5].mean() - 0.3, values
-    ref = np.array([zero0_two_ranks[s] for s in range(1, STEPS + 1)])
+    ref_losses, ref_val = zero0_two_ranks
+    ref = np.array([ref_losses[s] for s in range(1, STEPS + 1)])
     np.testing.assert_allclose(values, ref, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(val_loss(tmp_path / "run"), ref_val, atol=1e-3, rtol=0)
+    assert len(ref_val) == 1 and proc.stdout.count(f"sample step {STEPS}") == 1, proc.stdout[-2000:]
 
 
 @pytest.mark.slow
@@ -227,6 +233,9 @@ def test_bf16_run_trains(tmp_path, verdict_path):
     ok(proc)
     got = losses(tmp_path / "run")
     assert len(got) == 4 and all(math.isfinite(v) and 5 < v < 12 for v in got.values()), got
+    assert "ZeRO-1 bf16 on 1 rank(s)" in proc.stdout
+    # The engine really ran in bf16: DeepSpeed saves the module's working weights in their dtype.
+    assert {t.dtype for t in final_weights(tmp_path / "run", 4).values()} == {torch.bfloat16}
 
 
 @pytest.mark.slow
@@ -235,7 +244,8 @@ def test_tensorboard_holds_every_scalar_and_the_sample(tmp_path, verdict_path):
 
     run = tmp_path / "run"
     args = tiny_args(run, verdict_path, 6, **{"eval.interval": 3, "eval.iters": 2, "eval.sample_tokens": 8})
-    ok(run_pretrain(["--ds_config", str(fp32(tmp_path / "ds.json", "zero1")), *args], ranks=0))
+    proc = run_pretrain(["--ds_config", str(fp32(tmp_path / "ds.json", "zero1")), *args], ranks=0)
+    ok(proc)
     acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
@@ -259,6 +269,23 @@ def test_tensorboard_holds_every_scalar_and_the_sample(tmp_path, verdict_path):
         assert ppl.value == pytest.approx(math.exp(val.value), rel=1e-5)
     assert [e.step for e in acc.Scalars("val/loss")] == [3, 6]
     assert all(e.value > 0 for e in acc.Scalars("train/grad_norm"))
+    tb_lr = [e.value for e in acc.Scalars("train/lr")]
+    assert tb_lr == pytest.approx([m["train/lr"] for m in read_metrics(run) if "train/lr" in m], rel=1e-6)
+    assert len(set(tb_lr)) > 1  # the schedule moves
+    step_ms = [e.value for e in acc.Scalars("perf/step_ms")]
+    tok_s = [e.value for e in acc.Scalars("perf/tokens_per_sec")]
+    assert len(step_ms) == len(tok_s) == 6 and all(ms > 0 for ms in step_ms)
+    for ms, rate in zip(step_ms, tok_s, strict=True):  # 64 tokens per step
+        assert rate == pytest.approx(64 / (ms / 1000), rel=1e-3)
+    assert all(0.05 < e.value < 24 for e in acc.Scalars("mem/host_rss_gb"))
+    # The console line, one per log interval, from rank 0 only.
+    console = re.findall(
+        r"^step (\d+)/6 \| epoch 1 \| loss \d+\.\d{3} \| lr \d\.\de[-+]\d\d \| [\d,]+ ms/step \| "
+        r"[\d,]+ tok/s \| eta \d+m\d\ds$",
+        proc.stdout,
+        re.M,
+    )
+    assert [int(step) for step in console] == [1, 2, 3, 4, 5, 6], proc.stdout[-3000:]
     samples = acc.Tensors("samples/text/text_summary")
     assert [s.step for s in samples] == [3, 6]
     assert samples[0].tensor_proto.string_val[0].decode().startswith("The meaning of")
@@ -282,14 +309,14 @@ def test_two_rank_run_resumes_on_one_rank_with_the_remaining_samples(tmp_path, v
     """Same global batch (2 ranks × micro 2, then 1 rank × micro 2 × accumulation 2): the data position
     carries over, so the losses after the switch equal those of a run that never switched."""
     ds = str(fp32(tmp_path / "ds.json", "zero0"))
-    full, switched = tmp_path / "full", tmp_path / "switched"
-    ok(run_pretrain(["--ds_config", ds, *tiny_args(full, verdict_path, 10)], ranks=2))
+    switched = tmp_path / "switched"
     ok(
         run_pretrain(
             ["--ds_config", ds, *tiny_args(switched, verdict_path, 10, **{"checkpoint.save_interval": 5})],
             ranks=2,
         )
     )
+    full = losses(switched)  # the uninterrupted 2-rank run
     shutil.rmtree(switched / "step_00000010")
     (switched / "latest").write_text("step_00000005")
     proc = run_pretrain(
@@ -302,8 +329,11 @@ def test_two_rank_run_resumes_on_one_rank_with_the_remaining_samples(tmp_path, v
     )
     ok(proc)
     assert "at step 5" in proc.stdout
-    a, b = losses(full), losses(switched)
-    np.testing.assert_allclose([b[s] for s in range(6, 11)], [a[s] for s in range(6, 11)], rtol=0, atol=1e-5)
+    resumed = dict([(m["step"], m["train/loss"]) for m in read_metrics(switched) if "train/loss" in m][-5:])
+    assert sorted(resumed) == list(range(6, 11))
+    np.testing.assert_allclose(
+        [resumed[s] for s in range(6, 11)], [full[s] for s in range(6, 11)], rtol=0, atol=1e-5
+    )
 
 
 @pytest.mark.slow

@@ -1485,6 +1485,7 @@ class _Preparation:
                 "duplicate": st["dropped_duplicate"],
                 "contaminated": st["dropped_contaminated"],
             },
+            "invalid_utf8_documents": st["invalid_utf8_documents"],
             "bad_records_skipped": st["bad_records_skipped"],
             "empty_files_skipped": st["empty_files_skipped"],
             "tokens": {s: w.tokens for s, w in self.writers.items()},
@@ -1521,6 +1522,18 @@ class _Preparation:
             f"{d['short']:,} short, {d['contaminated']:,} contaminated, {d['invalid_utf8']:,} invalid UTF-8; "
             f"skipped: {s['bad_records_skipped']:,} bad records, {s['empty_files_skipped']:,} empty files"
         )
+        if s["invalid_utf8_documents"]:
+            done = (
+                "dropped"
+                if self.opts.invalid_utf8 == "skip"
+                else "kept with U+FFFD in place of the bad bytes"
+            )
+            print(
+                f"warning: {s['invalid_utf8_documents']:,} documents had invalid UTF-8; {done} "
+                f"(--invalid_utf8 {self.opts.invalid_utf8})",
+                file=sys.stderr,
+                flush=True,
+            )
         for split in SPLITS:
             n = s["shards"][split]
             p(f"{split}: {s['tokens'][split]:,} tokens in {n} shard{'s' * (n != 1)}")
