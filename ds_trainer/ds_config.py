@@ -262,11 +262,19 @@ def resolve(
         # A fixed global batch lets DeepSpeed derive the missing factor; do the same, visibly.
         if micro is None and gas is None:
             micro = DEFAULT_MICRO_BATCH if tbs % (DEFAULT_MICRO_BATCH * dp) == 0 else 1
+        given = None
         if gas is None:
-            gas = tbs // (micro * dp) if tbs % (micro * dp) == 0 else 0
+            given, unit = f"micro batch {micro}", micro * dp
+            gas = tbs // unit if tbs % unit == 0 else 0
         elif micro is None:
-            micro = tbs // (gas * dp) if tbs % (gas * dp) == 0 else 0
-        if micro * gas * dp != tbs:
+            given, unit = f"accumulation {gas}", gas * dp
+            micro = tbs // unit if tbs % unit == 0 else 0
+        if given is not None and micro * gas == 0:
+            problems.append(
+                f"{source}: train_batch_size={tbs} is not a multiple of {given} × {dp} data-parallel ranks = {unit}; "
+                f'make it one (e.g. {max(unit, tbs // unit * unit)}) or set it to "auto"'
+            )
+        elif micro * gas * dp != tbs:
             problems.append(
                 f"{source}: train_batch_size={tbs} is not micro batch {micro} × accumulation {gas} × "
                 f'{dp} data-parallel ranks; make train_batch_size a multiple of {dp} ranks or set it to "auto"'

@@ -207,6 +207,9 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         manual_norm = None
         for i, ids in enumerate(micro_batches):
+            # DeepSpeed would infer the boundary from its micro-step counter modulo the current accumulation,
+            # which falls out of phase once a batch ramp-up changes the accumulation; say it instead.
+            self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             x, y = (t.to(self.device, non_blocking=True) for t in self.train_data.batch(ids))
             loss = self.engine(x, y)
             if injected != 1.0:

@@ -97,7 +97,10 @@ def test_batch_numbers_must_be_positive_integers(value):
 
 def test_train_batch_size_not_divisible_by_world_size():
     msg = resolve_error(ds(train_batch_size=10), world=3)
-    assert "train_batch_size=10" in msg and "multiple of 3 ranks" in msg
+    assert "train_batch_size=10 is not a multiple of micro batch 1 × 3 data-parallel ranks = 3" in msg
+    assert "(e.g. 9)" in msg
+    msg = resolve_error(ds(train_batch_size=10, gradient_accumulation_steps=4), world=1)
+    assert "train_batch_size=10 is not a multiple of accumulation 4 × 1 data-parallel ranks = 4" in msg
 
 
 @pytest.mark.parametrize(

@@ -101,12 +101,13 @@ def test_zero3_ranks_hold_only_their_partition_from_construction(tmp_path):
     for rank in figures["zero0"]:
         assert not rank["partitioned_at_construction"]
         assert rank["param_elements_held"] == rank["param_elements_full"]
-    ratio = (
-        figures["zero3"][0]["model_and_optimizer_bytes"] / figures["zero0"][0]["model_and_optimizer_bytes"]
-    )
-    assert 0.4 < ratio < 0.65, (
-        figures
-    )  # about half: parameters, gradients' home and Adam states all split in two
+    for rank in (0, 1):
+        z0, z3 = (figures[b][rank]["model_and_optimizer_bytes"] for b in ("zero0", "zero3"))
+        print(
+            f"rank {rank}: parameters + optimizer state ZeRO-0 {z0 / 2**20:.1f} MiB, ZeRO-3 {z3 / 2**20:.1f} MiB"
+        )
+        # About half: parameters, gradients' home and Adam states are all split in two.
+        assert 0.4 < z3 / z0 < 0.65, figures
 
 
 @pytest.mark.slow

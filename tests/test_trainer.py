@@ -355,10 +355,12 @@ def test_batch_rampup_on_a_mixture(tmp_path, verdict_path):
             "train.warmup_steps": 2,
             "train.peak_lr": 1e-3,
             "train.min_lr": 1e-4,
+            "checkpoint.save_interval": 3,
+            "checkpoint.keep_last": 0,
         },
     )
-    proc = run_pretrain(["--ds_config", str(fp32(tmp_path / "ds.json", "zero0")), *args], ranks=0)
-    ok(proc)
+    cmd = ["--ds_config", str(fp32(tmp_path / "ds.json", "zero0")), *args]
+    ok(run_pretrain(cmd, ranks=0))
     metrics = [m for m in read_metrics(tmp_path / "run") if "train/loss" in m]
     batches = [int(m["train/global_batch"]) for m in metrics]
     consumed = np.cumsum([0, *batches])
@@ -368,6 +370,19 @@ def test_batch_rampup_on_a_mixture(tmp_path, verdict_path):
     for m, seen in zip(metrics, consumed[:-1], strict=True):
         k = seen / 8
         assert m["train/lr"] == pytest.approx(ds_formula_lr(k, 1e-3, 6, 2, 0.0, 0.1), rel=1e-9, abs=1e-12)
+
+    # Resumed in the middle of the ramp: the same batches, rates and losses from step 4 on.
+    assert batches[2] < batches[-1]
+    for later in (tmp_path / "run").glob("step_*"):
+        if int(later.name.split("_")[1]) > 3:
+            shutil.rmtree(later)
+    (tmp_path / "run" / "latest").write_text("step_00000003")
+    proc = run_pretrain(cmd, ranks=0)
+    ok(proc)
+    assert "at step 3" in proc.stdout
+    keys = ("step", "train/loss", "train/lr", "train/global_batch", "train/tokens_seen")
+    resumed = [m for m in read_metrics(tmp_path / "run") if "train/loss" in m][len(metrics) :]
+    assert [[m[k] for k in keys] for m in resumed] == [[m[k] for k in keys] for m in metrics[3:]]
 
 
 @pytest.mark.slow
@@ -388,6 +403,23 @@ def test_trains_from_prepared_shards(tmp_path):
     args = tiny_args(
         tmp_path / "run", tmp_path / "ds", 3, **{"eval.interval": 3, "eval.iters": 1, "eval.sample_tokens": 2}
     )
-    proc = run_pretrain(["--ds_config", str(fp32(tmp_path / "ds.json", "zero0")), *args], ranks=0)
+    ds = str(fp32(tmp_path / "ds.json", "zero0"))
+    proc = run_pretrain(["--ds_config", ds, *args], ranks=0)
     ok(proc)
     assert len(losses(tmp_path / "run")) == 3 and "eval step 3" in proc.stdout
+    assert [math.isfinite(m["val/loss"]) for m in read_metrics(tmp_path / "run") if "val/loss" in m] == [True]
+
+    # One document prepared into a shard reads as the same windows as the text itself: the same losses.
+    prepare(
+        [str(DATA / "the-verdict.txt")],
+        str(tmp_path / "verdict"),
+        workers=2,
+        progress=False,
+        val_fraction=0.0,
+    )
+    got = {}
+    for name, extra in (("shards", {}), ("text", {"data.val_fraction": 0.0})):
+        source = tmp_path / "verdict" if name == "shards" else DATA / "the-verdict.txt"
+        ok(run_pretrain(["--ds_config", ds, *tiny_args(tmp_path / name, source, 4, **extra)], ranks=0))
+        got[name] = losses(tmp_path / name)
+    assert len(got["text"]) == 4 and got["shards"] == got["text"]
