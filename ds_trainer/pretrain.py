@@ -24,6 +24,7 @@ from ds_trainer.engine import (
     build_model,
     data_parallel_coords,
     init_distributed,
+    leave_distributed,
     replay_cpu_adam_bias_correction,
 )
 from ds_trainer.errors import DsTrainerError
@@ -215,9 +216,11 @@ def pretrain(run: RunConfig, ds_config_path: str | None) -> int:
         faults,
     )
     try:
-        return trainer.fit()
+        code = trainer.fit()
     finally:
         metrics.close()
+    leave_distributed()
+    return code
 
 
 def check_resumed_lr(engine: Any, ds: ResolvedDSConfig, step: int, consumed: int) -> str | None:
