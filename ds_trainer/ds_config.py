@@ -380,7 +380,10 @@ def _resolve_optimizer_and_schedule(
         p["total_num_steps"] = total_steps
     elif given_total != total_steps:
         # A schedule of another length decays too early or never reaches min_lr; say so instead of training on it.
-        length = f"train.max_steps={t.max_steps}" if t.max_steps is not None else f"train.epochs={t.epochs}"
+        if t.max_steps is not None:
+            length = f"train.max_steps={t.max_steps}"
+        else:
+            length = f"train.epochs={t.epochs}" if t.epochs is not None else "the default length"
         problems.append(
             f"{source}: scheduler.params.total_num_steps={given_total} disagrees with the run's {total_steps} steps "
             f'({length}); set it to "auto" or {total_steps}'

@@ -133,6 +133,10 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}
 
 
+def val_losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["val/loss"] for m in read_metrics(run_dir) if "val/loss" in m}
+
+
 def tiny_args(run_dir: Path, data: Path | None, steps: int = 20, **extra: object) -> list[str]:
     """A fast gpt2-tiny run: short context, logging every step, no eval unless asked."""
     opts = {

@@ -163,6 +163,7 @@ def test_json_schedule_length_that_disagrees_with_the_run():
         'scheduler.params.total_num_steps=12 disagrees with the run\'s 20 steps (train.max_steps=20); set it to "auto" or 20'
         in msg
     )
+    assert "disagrees with the run's 300 steps (the default length)" in resolve_error(raw)
     raw["scheduler"]["params"]["total_num_steps"] = 20
     assert (
         do_resolve(raw, run("--train.max_steps", "20")).config["scheduler"]["params"]["total_num_steps"] == 20

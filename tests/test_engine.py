@@ -149,18 +149,14 @@ def test_activation_checkpointing_trains_to_the_same_losses(tmp_path, verdict_pa
         "contiguous_memory_optimization": True,
         "number_checkpoints": "auto",
     }
-    variants = {
-        "zero1": {},
-        "zero1_activation_checkpointing": {},
-        "every_option": {"activation_checkpointing": every_option},
+    variants = {  # name: (shipped JSON, changes)
+        "zero1": ("zero1", {}),
+        "zero1_activation_checkpointing": ("zero1_activation_checkpointing", {}),
+        "every_option": ("zero1_activation_checkpointing", {"activation_checkpointing": every_option}),
     }
     got = {}
-    for name, extra in variants.items():
-        ds = fp32(
-            tmp_path / f"{name}.json",
-            "zero1" if name == "zero1" else "zero1_activation_checkpointing",
-            **extra,
-        )
+    for name, (base, extra) in variants.items():
+        ds = fp32(tmp_path / f"{name}.json", base, **extra)
         proc = run_pretrain(["--ds_config", str(ds), *tiny_args(tmp_path / name, verdict_path, 8)], ranks=0)
         assert proc.returncode == 0, proc.stderr[-3000:]
         got[name] = losses(tmp_path / name)

@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import REPO, fp32, free_port, losses, read_metrics, run_pretrain, tiny_args
+from conftest import REPO, fp32, free_port, losses, run_pretrain, tiny_args, val_losses
 
 STEPS = 6
 
@@ -108,6 +108,7 @@ def test_pipeline_stages_on_two_nodes_match_plain_data_parallel(ssh_hosts, tmp_p
     assert sorted(got) == list(range(1, STEPS + 1)) and sorted(want) == sorted(got)
     for step in want:
         assert got[step] == pytest.approx(want[step], abs=1e-3), (step, got, want)
-    val = [[m["val/loss"] for m in read_metrics(d) if "val/loss" in m] for d in (multi, local)]
-    assert len(val[0]) == 1 and val[0] == pytest.approx(val[1], abs=1e-3), val
+    val = [val_losses(d) for d in (multi, local)]
+    assert sorted(val[0]) == sorted(val[1]) == [STEPS], val
+    assert val[0][STEPS] == pytest.approx(val[1][STEPS], abs=1e-3), val
     assert_no_ranks_left(multi)

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import fp32, losses, read_metrics, run_pretrain, tiny_args
+from conftest import fp32, losses, read_metrics, run_pretrain, tiny_args, val_losses
 
 from ds_trainer.errors import DsTrainerError
 from ds_trainer.pipeline import parse_partition
@@ -23,10 +23,6 @@ def test_partition_methods():
             parse_partition(bad, 12, 2)
     with pytest.raises(DsTrainerError, match="unknown"):
         parse_partition("type:Block", 12, 2)
-
-
-def val_losses(run_dir) -> dict[int, float]:
-    return {m["step"]: m["val/loss"] for m in read_metrics(run_dir) if "val/loss" in m}
 
 
 @pytest.mark.slow
