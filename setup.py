@@ -14,9 +14,10 @@ setup(
         "pyyaml>=6",
         "psutil>=5.9",
         "numpy>=1.24",
+        "safetensors>=0.4",  # launch/export.py writes the consolidated weights with it
     ],
     extras_require={
-        # transformers/safetensors: the GPT-2 equivalence test loads a Hugging Face model.
-        "test": ["pytest>=8", "transformers>=4.40", "safetensors>=0.4", "ruff>=0.6"],
+        # transformers: the GPT-2 equivalence and export tests load Hugging Face models.
+        "test": ["pytest>=8", "transformers>=4.40", "ruff>=0.6"],
     },
 )

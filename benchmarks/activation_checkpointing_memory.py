@@ -3,7 +3,8 @@
     python benchmarks/activation_checkpointing_memory.py [--context 1024] [--micro 4] [--json]
 
 Each variant runs in a fresh process (peak RSS is per process): the same GPT, the same batch, one
-forward and backward through the real ds_trainer path (GPT.checkpoint_fn = DeepSpeed's checkpoint).
+forward and backward of the model ds_trainer builds from ds_configs/zero1_activation_checkpointing.json
+(resolved, then engine.build_model), and from the same JSON without its activation_checkpointing section.
 Prints peak memory above the model's own footprint for each, their ratio, and the loss difference.
 """
 
@@ -11,33 +12,60 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "ds_configs" / "zero1_activation_checkpointing.json"
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def child(checkpointing: bool, context: int, micro: int, n_layer: int, vocab: int) -> dict:
-    import os
-
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29733")
-    import deepspeed
     import torch
 
-    from ds_trainer.model import GPT, GPTConfig
+    from ds_trainer.config import load_run_config
+    from ds_trainer.ds_config import load_ds_json, resolve
+    from ds_trainer.engine import build_model, init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()
+    # The model as a user's run builds it: the shipped JSON resolved against a run config, then
+    # build_model, which reads the activation_checkpointing section. Without checkpointing the same
+    # JSON loses only that section. fp32: CPUs without native bf16 would emulate it slowly.
+    raw, source = load_ds_json(str(SHIPPED))
+    raw["bf16"] = {"enabled": False}
+    if not checkpointing:
+        del raw["activation_checkpointing"]
+    run = load_run_config(
+        None,
+        [
+            *("--model.preset", "null", "--model.n_layer", str(n_layer), "--model.n_head", "4"),
+            *("--model.n_embd", "256", "--model.block_size", str(context), "--model.vocab_size", str(vocab)),
+            *("--data.context_length", str(context), "--train.micro_batch_size", str(micro)),
+            *("--train.max_steps", "1"),
+        ],
+    )
+    ds = resolve(raw, source, run, 1, micro, "cpu")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=vocab, block_size=context, n_layer=n_layer, n_head=4, n_embd=256))
-    if checkpointing:
-        deepspeed.checkpointing.configure(None, partition_activations=False)
-        model.checkpoint_fn = deepspeed.checkpointing.checkpoint
+    model = build_model(run.gpt_config(), ds)
+    if checkpointing != (model.checkpoint_fn is not None):
+        raise RuntimeError(
+            f"build_model left checkpoint_fn={model.checkpoint_fn!r} for checkpointing={checkpointing}"
+        )
+    model.train()
     x = torch.randint(0, vocab, (micro, context), generator=torch.Generator().manual_seed(1))
+    # A one-token step first: DeepSpeed's checkpoint imports torch._dynamo on its first call (tens of
+    # MB), which would otherwise count as activation memory of the checkpointed variant.
+    model(x[:1, :1], x[:1, :1]).backward()
+    model.zero_grad(set_to_none=True)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     loss = model(x, x)
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     grad = float(sum(p.grad.double().pow(2).sum() for p in model.parameters()).sqrt())
-    return {"peak_above_model_mb": (peak - base) / 1024, "loss": float(loss), "grad_norm": grad}
+    return {"peak_above_model_mb": (peak - base) / 1024, "loss": float(loss.detach()), "grad_norm": grad}
 
 
 def main() -> None:
@@ -70,7 +98,9 @@ def main() -> None:
             "--vocab",
             str(a.vocab),
         ]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        # A child joins its own one-rank group on a free port, never a group this process belongs to.
+        env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
         runs[mode] = json.loads(out.strip().splitlines()[-1])
     result = {
         "without_mb": runs["off"]["peak_above_model_mb"],

@@ -94,9 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     counts = [int(w) for w in args.workers.split(",")]
 
-    from ds_trainer.data.prepare import (
-        prepare,
-    )  # imported before timing (imports torch through ds_trainer.data)
+    # Imported (numpy, tiktoken; not torch) and the tokenizer loaded before any timing starts.
+    from ds_trainer.data.prepare import prepare
     from ds_trainer.tokenizer import identity
 
     identity()

@@ -88,7 +88,8 @@ class TrainSection:
     min_lr: float | None = None
     """Learning rate at the end of the cosine decay (default peak_lr / 10)."""
     warmup_steps: int | None = None
-    """Linear warm-up steps; fills the scheduler's "auto" warmup_num_steps (default: 10% of the steps, at least 2)."""
+    """Linear warm-up steps, at least 2 (DeepSpeed's floor); fills the scheduler's "auto" warmup_num_steps
+    (default: 10% of the steps, at least 2)."""
     rampup_start_batch: int | None = None
     """Batch-size ramp-up: the global batch (in windows) at the start, growing linearly to the configured one.
     A multiple of micro_batch_size × ranks. With a ramp-up, max_steps and the learning-rate schedule count
@@ -434,9 +435,16 @@ def value_problems(cfg: RunConfig) -> list[str]:
                 f"{t.gradient_accumulation_steps} are the same setting; give one"
             )
     if pp.stages > 1 and t.rampup_start_batch is not None:
-        problems.append("train.rampup_start_batch is not supported with pipeline.stages > 1")
+        problems.append(
+            # The pipeline engine runs a fixed number of micro-batches per step and steps the schedule per call.
+            f"train.rampup_start_batch={t.rampup_start_batch} with pipeline.stages={cfg.pipeline.stages}: the pipeline "
+            "engine trains a fixed batch; remove train.rampup_start_batch or set pipeline.stages to 1"
+        )
     if pp.stages > 1 and not problems and pp.stages > cfg.gpt_config().n_layer:
-        problems.append(f"pipeline.stages {pp.stages} exceeds model.n_layer {cfg.gpt_config().n_layer}")
+        n_layer = cfg.gpt_config().n_layer
+        problems.append(
+            f"pipeline.stages={pp.stages} exceeds model.n_layer={n_layer}; use at most {n_layer} stages (one block each)"
+        )
     if d.stride is not None and d.stride < 1:
         problems.append(f"data.stride must be >= 1, got {d.stride}")
     if d.val_fraction is not None and not 0.0 <= d.val_fraction < 1.0:

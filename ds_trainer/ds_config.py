@@ -204,12 +204,13 @@ def resolve(
     source: str,
     run: RunConfig,
     world_size: int,
-    num_train_samples: int,
+    num_train_samples: int | None,
     accelerator: str,
     global_batch: int | None = None,
 ) -> ResolvedDSConfig:
     """Fill every "auto" and check the whole JSON; raises DsTrainerError naming all problems at once.
 
+    `num_train_samples` is None when the data could not be read (its problem is reported beside these).
     `global_batch` is a checkpoint's global batch when resuming on another number of ranks: the
     accumulation steps are chosen to keep it.
     """
@@ -218,10 +219,10 @@ def resolve(
     t = run.train
     stages = run.pipeline.stages
     if world_size % stages:
-        raise DsTrainerError(
+        problems.append(
             f"{world_size} ranks cannot be cut into pipeline.stages={stages}; use a number of ranks divisible by it"
         )
-    dp = world_size // stages
+    dp = max(1, world_size // stages)
 
     for key in cfg:
         if key not in KNOWN_TOP_LEVEL_KEYS:
@@ -249,15 +250,16 @@ def resolve(
         problems,
     )
     tbs = cfg.get("train_batch_size")
-    for v, key in (
-        (micro, "train_micro_batch_size_per_gpu"),
-        (gas, "gradient_accumulation_steps"),
-        (None if _is_auto(tbs) else tbs, "train_batch_size"),
-    ):
-        if v is not None and (p := _int_problem(v, key, source)):
-            problems.append(p)
-    if problems:
-        raise DsTrainerError("; ".join(problems))
+    # A bad number is reported and then treated as "auto", so the checks after it still run.
+    if micro is not None and (p := _int_problem(micro, "train_micro_batch_size_per_gpu", source)):
+        problems.append(p)
+        micro = None
+    if gas is not None and (p := _int_problem(gas, "gradient_accumulation_steps", source)):
+        problems.append(p)
+        gas = None
+    if not _is_auto(tbs) and (p := _int_problem(tbs, "train_batch_size", source)):
+        problems.append(p)
+        tbs = AUTO
     if not _is_auto(tbs):
         # A fixed global batch lets DeepSpeed derive the missing factor; do the same, visibly.
         if micro is None and gas is None:
@@ -295,7 +297,7 @@ def resolve(
 
     # Steps: max_steps, or epochs over the training windows.
     global_batch = micro * gas * dp
-    steps_per_epoch = num_train_samples // global_batch
+    steps_per_epoch = 1 if num_train_samples is None else num_train_samples // global_batch
     if steps_per_epoch < 1:
         problems.append(
             f"the training split has {num_train_samples} windows, fewer than one global batch of {global_batch} "
@@ -388,7 +390,7 @@ def _resolve_optimizer_and_schedule(
             f"{source}: scheduler.params.total_num_steps={given_total} disagrees with the run's {total_steps} steps "
             f'({length}); set it to "auto" or {total_steps}'
         )
-    p["warmup_num_steps"] = _pick(
+    p["warmup_num_steps"] = warmup = _pick(
         p.get("warmup_num_steps", AUTO),
         t.warmup_steps,
         default_warmup,
@@ -397,6 +399,13 @@ def _resolve_optimizer_and_schedule(
         source,
         problems,
     )
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 2:
+        # WarmupCosineLR silently warms up over max(2, n) steps, so 1 would not give the schedule asked for.
+        key = "train.warmup_steps" if t.warmup_steps is not None else "scheduler.params.warmup_num_steps"
+        problems.append(
+            f"{source}: {key}={warmup!r}, but DeepSpeed's WarmupCosineLR warms up over at least 2 steps; "
+            "set it to an integer of 2 or more"
+        )
     for key, ratio, run_key, given in (
         ("warmup_min_ratio", initial / peak, "train.initial_lr", t.initial_lr),
         ("cos_min_ratio", min_lr / peak, "train.min_lr", t.min_lr),

@@ -110,6 +110,7 @@ gradient accumulation keeping the per-GPU batch.
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import json
 import math
@@ -144,14 +145,11 @@ DS_DEFAULT_PERSISTENCE_THRESHOLD = 100_000
 DS_DDP_ALLREDUCE_BUCKET = 500_000_000
 DS_DEFAULT_SUB_GROUP = 1_000_000_000
 
-ACTIVATION_CHECKPOINTING_SECTION: dict[str, Any] = {
-    "partition_activations": False,
-    "cpu_checkpointing": False,
-    "contiguous_memory_optimization": False,
-    "number_checkpoints": None,
-    "synchronize_checkpoint_boundary": False,
-    "profile": False,
-}
+# The section a suggestion turns checkpointing on with is the shipped one, so the planner suggests
+# exactly what users run (its "auto" becomes one checkpoint per block when the JSON is resolved).
+ACTIVATION_CHECKPOINTING_SECTION: dict[str, Any] = json.loads(
+    (DS_CONFIGS / "zero1_activation_checkpointing.json").read_text()
+)["activation_checkpointing"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -708,7 +706,7 @@ def suggested_ds_config(
         out["gradient_accumulation_steps"] = gradient_accumulation_steps
     out.pop("activation_checkpointing", None)
     if activation_checkpointing:
-        out["activation_checkpointing"] = dict(ACTIVATION_CHECKPOINTING_SECTION)
+        out["activation_checkpointing"] = copy.deepcopy(ACTIVATION_CHECKPOINTING_SECTION)
     return out
 
 
@@ -821,26 +819,33 @@ def plan(
     cpu_usable = int(cpu_memory_gb * GIB * (1 - MEMORY_MARGIN))
     nvme_usable = int(nvme_gb * GIB * (1 - MEMORY_MARGIN))
 
+    # The search below asks for the same layouts and micro batches many times: each figure once.
+    @functools.cache
+    def states_of(lay: Layout) -> ModelStates:
+        return model_states(params, lay, dtype, nodes, gpus_per_node)
+
+    @functools.cache
+    def acts_of(micro: int) -> Activations:
+        return activation_memory(cfg, micro, context, dtype, attention)
+
     def need(lay: Layout, ds_cfg: dict[str, Any], micro: int, ckpt: bool) -> MemoryNeed:
-        acts = activation_memory(cfg, micro, context, dtype, attention)
         return MemoryNeed(
-            states=model_states(params, lay, dtype, nodes, gpus_per_node),
+            states=states_of(lay),
             buffers=buffer_bytes(ds_cfg, params, dtype, world),
-            activations=acts.total(ckpt),
+            activations=acts_of(micro).total(ckpt),
             gpu_usable=gpu_usable,
             cpu_usable_per_node=cpu_usable,
             nvme_usable_per_node=nvme_usable,
         )
 
     _, requested_cfg = layout_ds_config(layout)
-    states = model_states(params, layout, dtype, nodes, gpus_per_node)
-    acts = activation_memory(cfg, micro_batch, context, dtype, attention)
+    bases = {name: _load_base(name) for name, _, _ in CANDIDATES}
 
     suggestion = None
     last = None
     for micro in sorted((d for d in range(1, micro_batch + 1) if micro_batch % d == 0), reverse=True):
         for base_name, lay, ckpt in CANDIDATES:
-            base = _load_base(base_name)
+            base = bases[base_name]
             n = need(lay, base, micro, ckpt)
             last = (base_name, lay, ckpt, micro, n)
             if n.fits:
@@ -881,10 +886,10 @@ def plan(
         attention=attention,
         gpu_memory=int(gpu_memory_gb * GIB),
         zero_paper=zero_paper_states(params.total, layout, dtype, nodes, gpus_per_node),
-        states=states,
+        states=states_of(layout),
         deepspeed=deepspeed_estimate(params, layout, nodes, gpus_per_node, ds_buffer_factor),
         buffers=buffer_bytes(requested_cfg, params, dtype, world),
-        activations=acts,
+        activations=acts_of(micro_batch),
         need=need(layout, requested_cfg, micro_batch, False),
         need_checkpointed=need(layout, requested_cfg, micro_batch, True),
         compute=Compute(
@@ -1198,12 +1203,18 @@ def release_engine(engine: Any) -> None:
         "single_partition_of_fp32_groups",
         "fp16_groups_flat",
         "fp32_groups_flat",
+        "fp16_partitioned_groups_flat",
+        "fp32_partitioned_groups_flat",
     ):
         if hasattr(wrapper, name):
             setattr(wrapper, name, [])
+    if isinstance(getattr(wrapper, "grad_partitions_flat_buffer", None), torch.Tensor):
+        wrapper.grad_partitions_flat_buffer = torch.empty(0)
     for q in engine.module.parameters():
         q.data = torch.empty(0)
         q.grad = None
+        if hasattr(q, "ds_tensor"):  # ZeRO-3: this rank's partition, a view of the flat buffer
+            q.ds_tensor.data = torch.empty(0)
     gc.collect()
 
 

@@ -32,6 +32,7 @@ from ds_trainer.faults import Faults
 from ds_trainer.guard import GuardSettings, IncidentLog, LossGuard
 from ds_trainer.metrics import Metrics
 from ds_trainer.model import GPT, GPTConfig
+from ds_trainer.pipeline import parse_partition
 from ds_trainer.preemption import StopRequest
 from ds_trainer.tokenizer import identity
 from ds_trainer.trainer import LoopSettings, Trainer
@@ -101,15 +102,36 @@ def package_versions() -> dict[str, str]:
 def pretrain(run: RunConfig, ds_config_path: str | None) -> int:
     """Train; returns the process exit code (0 finished, REQUEUE_EXIT stopped early with a checkpoint)."""
     # Every check that reads only files and the environment runs before the process group exists,
-    # so a bad input stops every rank with the same message instead of leaving peers waiting.
-    raw, source = load_ds_json(ds_config_path)
+    # so a bad input stops every rank with the same message instead of leaving peers waiting; the
+    # JSON, the data and their fit are all checked before the problems are reported together.
     gpt_config = run.gpt_config()
-    train_data, val_data, weights = build_datasets(
-        run.data_sources(), run.context_length, run.stride, run.data.val_fraction, gpt_config.vocab_size
-    )
     world = launcher_world_size()
-    n_train = sum(train_data.sizes())
-    ds = resolve(raw, source, run, world, n_train, accelerator_name())
+    problems: list[str] = []
+    raw = source = None
+    n_train = None
+    try:
+        raw, source = load_ds_json(ds_config_path)
+    except DsTrainerError as e:
+        problems.append(str(e))
+    try:
+        train_data, val_data, weights = build_datasets(
+            run.data_sources(), run.context_length, run.stride, run.data.val_fraction, gpt_config.vocab_size
+        )
+        n_train = sum(train_data.sizes())
+    except DsTrainerError as e:
+        problems.append(str(e))
+    if raw is not None:
+        try:
+            ds = resolve(raw, source, run, world, n_train, accelerator_name())
+        except DsTrainerError as e:
+            problems.append(str(e))
+    if run.pipeline.stages > 1:
+        try:
+            parse_partition(run.pipeline.partition, gpt_config.n_layer, run.pipeline.stages)
+        except DsTrainerError as e:
+            problems.append(str(e))
+    if problems:
+        raise DsTrainerError("; ".join(problems))
 
     init_distributed()
     rank = int(os.environ["RANK"])

@@ -13,8 +13,9 @@ from ds_trainer.errors import DsTrainerError
 
 
 def main(argv: list[str] | None = None) -> int:
+    # No abbreviations: `--conf x` must reach the run config as an unknown key, not pass as --config.
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--config", help="run config YAML (model, data, train, eval, checkpoint, log)")
     parser.add_argument("--ds_config", help="DeepSpeed JSON; default: built-in ZeRO-0 fp32 AdamW")

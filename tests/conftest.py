@@ -16,6 +16,10 @@ SHARED = REPO.parent / "shared"
 DATA = SHARED / "data"
 TIKTOKEN_CACHE = SHARED / "tiktoken_cache"
 
+# The tests and every rank they launch import this checkout, whichever copy `pip install -e` points at.
+sys.path.insert(0, str(REPO))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+
 # Set before any test imports tiktoken or DeepSpeed, and inherited by every launched rank.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "ds_trainer_torch_extensions"))
@@ -135,6 +139,11 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def val_losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["val/loss"] for m in read_metrics(run_dir) if "val/loss" in m}
+
+
+def samples(run_dir: Path) -> dict[int, str]:
+    """The text generated from eval.sample_prompt at each evaluation, by step."""
+    return {m["step"]: m["samples/text"] for m in read_metrics(run_dir) if "samples/text" in m}
 
 
 def tiny_args(run_dir: Path, data: Path | None, steps: int = 20, **extra: object) -> list[str]:

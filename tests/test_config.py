@@ -181,6 +181,40 @@ def test_value_problems(overrides, message):
     assert message in config_error(None, overrides)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--pipeline.stages", "0"], "pipeline.stages must be >= 1, got 0"),
+        (["--pipeline.micro_batches", "0"], "pipeline.micro_batches must be >= 1, got 0"),
+        (
+            ["--pipeline.micro_batches", "4", "--train.gradient_accumulation_steps", "2"],
+            "pipeline.micro_batches=4 and train.gradient_accumulation_steps=2 are the same setting; give one",
+        ),
+        # gpt2-tiny has 2 blocks: a third stage would hold none.
+        (["--pipeline.stages", "3"], "pipeline.stages=3 exceeds model.n_layer=2; use at most 2 stages"),
+        (
+            ["--pipeline.stages", "2", "--train.rampup_start_batch", "4", "--train.rampup_samples", "40"],
+            "train.rampup_start_batch=4 with pipeline.stages=2: the pipeline engine trains a fixed batch",
+        ),
+    ],
+)
+def test_pipeline_value_problems(overrides, message):
+    assert message in config_error(None, overrides)
+
+
+def test_pipeline_settings_that_agree_load():
+    cfg = load_run_config(
+        None,
+        [
+            *("--pipeline.stages", "2", "--pipeline.micro_batches", "4"),
+            *("--train.gradient_accumulation_steps", "4", "--pipeline.partition", "blocks:1,1"),
+        ],
+    )
+    assert (cfg.pipeline.stages, cfg.pipeline.micro_batches, cfg.pipeline.partition) == (2, 4, "blocks:1,1")
+    # As many stages as blocks is the most there can be.
+    assert load_run_config(None, ["--pipeline.stages", "2"]).pipeline.stages == cfg.gpt_config().n_layer
+
+
 def test_preset_null_requires_sizes():
     msg = config_error(None, ["--model.preset", "null", "--model.n_embd", "64"])
     for key in ("n_layer", "n_head", "block_size"):

@@ -1,4 +1,5 @@
-"""From data settings to window sets: text in memory, prepared shards memory-mapped, and their errors."""
+"""From data settings to window sets (ds_trainer/data/datasets.py): text in memory, prepared shards
+memory-mapped (also covers ds_trainer/data/shards.py, the shard and metadata reader), and their errors."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import json
 
 import numpy as np
 import pytest
+import tiktoken
 
 from ds_trainer.data import TokenShards, build_datasets, is_prepared
 from ds_trainer.errors import DsTrainerError
-from ds_trainer.tokenizer import encode_documents, identity
+from ds_trainer.tokenizer import EOT_ID, encode_documents, identity
 
 
 def n_windows(n_tokens: int, context: int, stride: int) -> int:
@@ -50,6 +52,36 @@ def test_text_source_splits_train_and_validation(verdict_path):
     assert val.parts[0][0][0].tolist() == tokens[len(tokens) - n_val :][:32]
     _, no_val, _ = build_datasets({str(verdict_path): 1.0}, 64, 64, 0.0, 50257)
     assert no_val is None
+
+
+def test_text_folder_source_reads_every_txt_below_it_sorted(tmp_path, verdict_path):
+    text = verdict_path.read_text(encoding="utf-8")
+    third = len(text) // 3
+    parts = [text[:third], text[third : 2 * third], text[2 * third :]]
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    # Written out of order, one nested, one not *.txt: the documents are the sorted *.txt files below.
+    (folder / "sub" / "c.txt").write_text(parts[2], encoding="utf-8")
+    (folder / "b.txt").write_text(parts[1], encoding="utf-8")
+    (folder / "a.txt").write_text(parts[0], encoding="utf-8")
+    (folder / "notes.md").write_text("not part of the corpus")
+    enc = tiktoken.get_encoding("r50k_base")
+    expected = [t for part in parts for t in [*enc.encode_ordinary(part), EOT_ID]]
+    n_val = int(len(expected) * 0.2)
+    train_tokens, val_tokens = expected[: len(expected) - n_val], expected[len(expected) - n_val :]
+
+    train, val, weights = build_datasets({str(folder): 1.0}, 16, 8, 0.2, 50257)
+    assert weights == [1.0] and train.names == [str(folder)]
+    assert train.sizes() == [n_windows(len(train_tokens), 16, 8)] and train.sizes()[0] > 100
+    assert val.sizes() == [n_windows(len(val_tokens), 16, 16)]
+    for i in range(train.sizes()[0]):
+        x, y = train.parts[0][i]
+        assert x.tolist() == train_tokens[8 * i : 8 * i + 16]
+        assert y.tolist() == train_tokens[8 * i + 1 : 8 * i + 17]
+    for i in range(val.sizes()[0]):
+        x, y = val.parts[0][i]
+        assert x.tolist() == val_tokens[16 * i : 16 * i + 16]
+        assert y.tolist() == val_tokens[16 * i + 1 : 16 * i + 17]
 
 
 def test_text_source_errors(tmp_path, verdict_path):
@@ -111,3 +143,52 @@ def test_val_fraction_is_refused_for_prepared_folders_only(tmp_path, verdict_pat
         build_datasets({str(tmp_path / "ds"): 1.0}, 8, 8, 0.2, 50257)
     _, val, _ = build_datasets({str(verdict_path): 1.0}, 8, 8, None, 50257)  # text: default 0.1
     assert val.sizes() == [n_windows(int(5146 * 0.1), 8, 8)]
+
+
+def test_unfinished_preparation_is_named_as_such(tmp_path):
+    """A folder where launch/prepare_data.py was interrupted: progress.json and shards, no train.json."""
+    out = tmp_path / "web"
+    out.mkdir()
+    (out / "progress.json").write_text(
+        json.dumps({"format": "ds_trainer.prepare.progress.v1", "done": False})
+    )
+    np.arange(100, dtype=np.uint16).tofile(out / "train_000000.bin.tmp")
+    with pytest.raises(DsTrainerError) as err:
+        build_datasets({str(out): 1.0}, 4, 4, None, 50257)
+    assert str(err.value) == (
+        f"{out}: the preparation in this folder did not finish (progress.json but no train.json); "
+        "rerun the same launch/prepare_data.py command to complete it"
+    )
+    write_prepared(tmp_path / "done", {"train": [np.arange(40)], "val": [np.arange(0)]})
+    with pytest.raises(DsTrainerError, match=f"^{out}: the preparation in this folder did not finish"):
+        build_datasets({str(tmp_path / "done"): 0.5, str(out): 0.5}, 4, 4, None, 50257)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (
+            b'{"format": "ds_trainer.tokens.v1", "tokens": 4',
+            "Expecting ',' delimiter: line 1 column 47 (char 46)",
+        ),
+        (b"", "Expecting value: line 1 column 1 (char 0)"),
+        (b"\xff\xfe{}", "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"),
+    ],
+)
+def test_damaged_split_metadata_is_one_line_with_the_fix(tmp_path, content, reason):
+    write_prepared(tmp_path / "ds", {"train": [np.arange(40)], "val": [np.arange(40)]})
+    (tmp_path / "ds" / "train.json").write_bytes(content)
+    assert is_prepared(tmp_path / "ds")
+    with pytest.raises(DsTrainerError) as err:
+        build_datasets({str(tmp_path / "ds"): 1.0}, 4, 4, None, 50257)
+    assert str(err.value) == (
+        f"{tmp_path / 'ds' / 'train.json'}: damaged, not valid JSON ({reason}); rerun the same "
+        "launch/prepare_data.py command to rewrite it, or prepare the data again"
+    )
+
+
+def test_split_metadata_that_is_not_an_object_is_refused(tmp_path):
+    write_prepared(tmp_path / "ds", {"train": [np.arange(40)], "val": [np.arange(40)]})
+    (tmp_path / "ds" / "val.json").write_text("[1, 2]")
+    with pytest.raises(DsTrainerError, match=r"val.json: format None is not 'ds_trainer.tokens.v1'"):
+        build_datasets({str(tmp_path / "ds"): 1.0}, 4, 4, None, 50257)

@@ -199,6 +199,56 @@ def test_seed_style_schedule_mapping():
     }
 
 
+def test_json_schedule_values_that_disagree_with_seed_style_settings():
+    sched = {
+        "type": "WarmupCosineLR",
+        "params": {
+            "total_num_steps": "auto",
+            "warmup_num_steps": 5,
+            "warmup_min_ratio": 0.5,
+            "cos_min_ratio": 0.2,
+        },
+    }
+    msg = resolve_error(
+        ds(scheduler=sched),
+        run(
+            "--train.peak_lr=0.001",
+            "--train.initial_lr=0.0001",
+            "--train.min_lr=0.00001",
+            "--train.warmup_steps=7",
+        ),
+    )
+    assert "scheduler.params.warmup_num_steps=5 disagrees with train.warmup_steps=7" in msg
+    assert "scheduler.params.warmup_min_ratio=0.5 disagrees with train.initial_lr=0.0001" in msg
+    assert "scheduler.params.cos_min_ratio=0.2 disagrees with train.min_lr=1e-05" in msg
+
+
+@pytest.mark.parametrize("where", ["run", "json"])
+def test_warmup_of_one_step_is_refused(where):
+    """DeepSpeed's WarmupCosineLR would warm up over 2 steps instead, off the seed formula."""
+    if where == "run":
+        msg = resolve_error(run_cfg=run("--train.warmup_steps", "1"))
+        assert "train.warmup_steps=1, but DeepSpeed's WarmupCosineLR warms up over at least 2 steps" in msg
+    else:
+        sched = copy.deepcopy(DEFAULT_DS_CONFIG["scheduler"])
+        sched["params"]["warmup_num_steps"] = 1
+        msg = resolve_error(ds(scheduler=sched))
+        assert "scheduler.params.warmup_num_steps=1, but DeepSpeed's WarmupCosineLR warms up over" in msg
+    assert (
+        do_resolve(run_cfg=run("--train.warmup_steps", "2")).config["scheduler"]["params"]["warmup_num_steps"]
+        == 2
+    )
+
+
+def test_every_problem_of_the_json_is_reported_at_once():
+    """Ranks that do not divide into the stages, a bad micro batch and fp16 on CPU: one message, all three."""
+    raw = ds(train_micro_batch_size_per_gpu=0, fp16={"enabled": True})
+    msg = resolve_error(raw, run("--pipeline.stages", "2"), world=3)
+    assert "3 ranks cannot be cut into pipeline.stages=2" in msg
+    assert "train_micro_batch_size_per_gpu must be a positive integer" in msg
+    assert "fp16.enabled=true, but DeepSpeed does not support fp16 on the CPU accelerator" in msg
+
+
 def test_seed_style_adds_a_scheduler_when_the_json_has_none():
     r = do_resolve(ds(scheduler=None), run("--train.warmup_steps", "5", "--train.max_steps", "20"))
     assert r.config["scheduler"]["type"] == "WarmupCosineLR"

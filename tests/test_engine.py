@@ -95,6 +95,8 @@ def test_zero3_ranks_hold_only_their_partition_from_construction(tmp_path):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-3000:]
         figures[base] = [json.loads((tmp_path / f"{base}.rank{r}").read_text()) for r in (0, 1)]
+    for base in ("zero0", "zero3"):  # built under zero.Init or not, the weights are GPT-2's initialisation
+        assert [r["weights_differing_from_plain_gpt"] for r in figures[base]] == [[], []], figures[base]
     for rank in figures["zero3"]:
         assert rank["partitioned_at_construction"]
         assert rank["param_elements_held"] <= rank["param_elements_full"] / 2 * 1.01
@@ -157,7 +159,9 @@ def test_activation_checkpointing_trains_to_the_same_losses(tmp_path, verdict_pa
     got = {}
     for name, (base, extra) in variants.items():
         ds = fp32(tmp_path / f"{name}.json", base, **extra)
-        proc = run_pretrain(["--ds_config", str(ds), *tiny_args(tmp_path / name, verdict_path, 8)], ranks=0)
+        # Dropout on: recomputation must redraw the forward's masks (DeepSpeed restores the RNG state).
+        args = tiny_args(tmp_path / name, verdict_path, 8, **{"model.dropout": 0.1})
+        proc = run_pretrain(["--ds_config", str(ds), *args], ranks=0)
         assert proc.returncode == 0, proc.stderr[-3000:]
         got[name] = losses(tmp_path / name)
     a = got["zero1"]
@@ -165,6 +169,118 @@ def test_activation_checkpointing_trains_to_the_same_losses(tmp_path, verdict_pa
         b = got[name]
         assert sorted(b) == list(range(1, 9))
         np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], atol=1e-5, rtol=0)
+
+
+# DeepSpeed's activation-checkpointing settings live in module globals that `configure` overwrites; the
+# tests put them back so that no later test inherits (say) contiguous buffers it did not ask for.
+CHECKPOINTING_GLOBALS = (
+    "PARTITION_ACTIVATIONS",
+    "CPU_CHECKPOINT",
+    "CONTIGUOUS_CHECKPOINTING",
+    "num_layers",
+    "SYNCHRONIZE",
+    "PROFILE_TIME",
+    "deepspeed_checkpointing_enabled",
+)
+
+
+def resolve_shipped(name: str, n_layer: int, dropout: float = 0.0, **changes):
+    """A ds_configs/ JSON resolved for a one-rank CPU run (fp32: this CPU has no native bf16)."""
+    from conftest import REPO
+
+    from ds_trainer.config import load_run_config
+    from ds_trainer.ds_config import load_ds_json, resolve
+
+    raw, source = load_ds_json(str(REPO / "ds_configs" / f"{name}.json"))
+    raw.update(bf16={"enabled": False}, **changes)
+    run = load_run_config(
+        None,
+        ["--model.n_layer", str(n_layer), "--model.dropout", str(dropout), "--train.max_steps", "1"],
+    )
+    return resolve(raw, source, run, 1, 1000, "cpu"), run.gpt_config()
+
+
+def block_forward_counts(model: GPT, x) -> tuple[list[int], float, dict]:
+    """Forward calls of each Block during one forward + backward; the loss; the gradients."""
+    counts = [0] * len(model.h)
+    hooks = [
+        block.register_forward_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+        for i, block in enumerate(model.h)
+    ]
+    try:
+        model.train()
+        loss = model(x, x)
+        loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts, float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+EVERY_OPTION = {
+    "partition_activations": True,
+    "cpu_checkpointing": True,
+    "contiguous_memory_optimization": True,
+    "number_checkpoints": "auto",
+    "synchronize_checkpoint_boundary": True,
+    "profile": False,
+}
+
+
+@pytest.mark.parametrize("variant", ["shipped", "every_option", "none"])
+def test_activation_checkpointing_section_configures_deepspeed_and_recomputes(
+    variant, process_group, monkeypatch
+):
+    """build_model turns the JSON section into DeepSpeed's checkpoint around every block, with the
+    section's settings in DeepSpeed's globals; each block then runs forward twice per step (once in
+    forward, once recomputed in backward), and the gradients are those of the plain model, dropout
+    included (DeepSpeed restores the RNG state before recomputing)."""
+    import deepspeed
+    import torch
+    from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
+
+    from ds_trainer.engine import build_model
+
+    for name in CHECKPOINTING_GLOBALS:
+        monkeypatch.setattr(ds_ckpt, name, getattr(ds_ckpt, name))
+    n_layer = 3  # not DeepSpeed's default for anything, so num_layers must come from the section
+    if variant == "none":
+        ds, cfg = resolve_shipped("zero1", n_layer, dropout=0.1)
+        assert "activation_checkpointing" not in ds.config
+    else:
+        changes = {"activation_checkpointing": dict(EVERY_OPTION)} if variant == "every_option" else {}
+        ds, cfg = resolve_shipped("zero1_activation_checkpointing", n_layer, dropout=0.1, **changes)
+    torch.manual_seed(0)
+    model = build_model(cfg, ds)
+    x = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)  # the same dropout masks in both models' forward
+    counts, loss, grads = block_forward_counts(model, x)
+
+    torch.manual_seed(0)
+    plain = GPT(cfg)
+    torch.manual_seed(7)
+    plain_counts, plain_loss, plain_grads = block_forward_counts(plain, x)
+    assert plain_counts == [1] * n_layer
+
+    if variant == "none":
+        assert model.checkpoint_fn is None
+        assert counts == [1] * n_layer
+    else:
+        section = ds.config["activation_checkpointing"]
+        assert section["number_checkpoints"] == n_layer  # "auto": one per block
+        assert model.checkpoint_fn is deepspeed.checkpointing.checkpoint
+        assert ds_ckpt.deepspeed_checkpointing_enabled is True
+        assert ds_ckpt.PARTITION_ACTIVATIONS is section["partition_activations"]
+        assert ds_ckpt.CPU_CHECKPOINT is section["cpu_checkpointing"]
+        assert ds_ckpt.CONTIGUOUS_CHECKPOINTING is section["contiguous_memory_optimization"]
+        assert ds_ckpt.num_layers == n_layer
+        assert ds_ckpt.SYNCHRONIZE is section["synchronize_checkpoint_boundary"]
+        assert ds_ckpt.PROFILE_TIME is section["profile"]
+        assert counts == [2] * n_layer
+    assert loss == plain_loss
+    assert grads.keys() == plain_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-6, rtol=0, msg=name)
 
 
 def test_stale_build_locks_are_removed(tmp_path):

@@ -93,3 +93,30 @@ def test_corpus_shorter_than_one_window(tmp_path):
     short.write_text("Just a few words here.")
     proc = run_pretrain(tiny_args(tmp_path / "run", short, 2), ranks=0)
     assert_one_line_error(proc, "fewer than one window", "context_length")
+
+
+def test_json_and_data_problems_reported_together(tmp_path):
+    """A missing corpus does not hide the JSON's problem: the user fixes both after one run."""
+    args = tiny_args(tmp_path / "run", tmp_path / "no_such_corpus", 2)
+    proc = run_pretrain(["--ds_config", str(REPO / "ds_configs" / "zero1_fp16.json"), *args], ranks=0)
+    assert_one_line_error(
+        proc, "no_such_corpus", "fp16.enabled=true, but DeepSpeed does not support fp16 on the CPU"
+    )
+
+
+def test_abbreviated_option_is_not_taken_for_another(args, tmp_path):
+    """`--conf` is no --config: it names an unknown run-config key."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train:\n  max_steps: 1\n")
+    proc = run_pretrain(["--conf", str(cfg), *args], ranks=0)
+    assert_one_line_error(proc, "--conf")
+
+
+def test_bad_partition_is_reported_before_any_rank_starts(args, tmp_path):
+    ds = write_ds_config(tmp_path / "ds.json", "zero1", bf16={"enabled": False})
+    proc = run_pretrain(
+        ["--ds_config", str(ds), *args, "--pipeline.stages", "2", "--pipeline.partition", "blocks:5"], ranks=0
+    )
+    assert_one_line_error(
+        proc, "1 ranks cannot be cut into pipeline.stages=2", "pipeline.partition 'blocks:5'"
+    )

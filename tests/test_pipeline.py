@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
 import pytest
-from conftest import fp32, losses, read_metrics, run_pretrain, tiny_args, val_losses
+from conftest import REPO, fp32, losses, read_metrics, run_pretrain, samples, tiny_args, val_losses
 
+from ds_trainer.config import load_run_config
 from ds_trainer.errors import DsTrainerError
 from ds_trainer.pipeline import parse_partition
 
@@ -23,6 +25,57 @@ def test_partition_methods():
             parse_partition(bad, 12, 2)
     with pytest.raises(DsTrainerError, match="unknown"):
         parse_partition("type:Block", 12, 2)
+
+
+def resolve_pipeline(base: str, world: int, *overrides: str):
+    from ds_trainer.ds_config import load_ds_json, resolve
+
+    raw, source = load_ds_json(str(REPO / "ds_configs" / f"{base}.json"))
+    run = load_run_config(None, ["--train.max_steps", "10", *overrides])
+    return resolve(raw, source, run, world, 1000, "cpu"), run
+
+
+@pytest.mark.parametrize("base", ["zero2", "zero3", "zero3_offload_cpu"])
+def test_pipeline_refuses_zero_2_and_3(base):
+    """DeepSpeed's PipelineEngine asserts on ZeRO-2/3; resolve says so before any rank starts."""
+    stage = int(base[4])
+    with pytest.raises(DsTrainerError) as e:
+        resolve_pipeline(base, 2, "--pipeline.stages", "2")
+    assert f"zero_optimization.stage={stage} with pipeline.stages=2" in str(e.value)
+    assert "supports ZeRO 0 and 1" in str(e.value)
+
+
+def test_pipeline_ranks_must_divide_into_stages():
+    with pytest.raises(DsTrainerError, match="3 ranks cannot be cut into pipeline.stages=2"):
+        resolve_pipeline("zero1", 3, "--pipeline.stages", "2")
+    r, _ = resolve_pipeline("zero1", 4, "--pipeline.stages", "2", "--train.micro_batch_size", "2")
+    assert (r.pipeline_stages, r.data_parallel_size) == (2, 2)
+    assert r.train_batch_size == 2 * 1 * 2  # micro × accumulation × data-parallel ranks, not × all ranks
+
+
+def test_pipeline_micro_batches_are_the_accumulation_steps():
+    r, _ = resolve_pipeline("zero1", 2, "--pipeline.stages", "2", "--pipeline.micro_batches", "4")
+    assert r.gradient_accumulation_steps == 4 and r.config["gradient_accumulation_steps"] == 4
+    # A number in the JSON that disagrees with the recipe is named, not silently preferred.
+    from ds_trainer.ds_config import resolve
+
+    raw = json.loads((REPO / "ds_configs" / "zero1.json").read_text())
+    raw["gradient_accumulation_steps"] = 2
+    run = load_run_config(None, ["--pipeline.stages", "2", "--pipeline.micro_batches", "4"])
+    with pytest.raises(
+        DsTrainerError, match="gradient_accumulation_steps=2 disagrees with pipeline.micro_batches=4"
+    ):
+        resolve(raw, "zero1.json", run, 2, 1000, "cpu")
+
+
+@pytest.mark.parametrize("partition", ["blocks:1", "blocks:2,0", "type:Block"])
+def test_bad_partition_stops_model_construction(partition):
+    """build_model parses the partition before DeepSpeed builds any stage (no process group needed)."""
+    from ds_trainer.engine import build_model
+
+    ds, run = resolve_pipeline("zero1", 2, "--pipeline.stages", "2")
+    with pytest.raises(DsTrainerError, match=f"pipeline.partition {partition!r}"):
+        build_model(run.gpt_config(), ds, partition)
 
 
 @pytest.mark.slow
@@ -58,12 +111,20 @@ def test_two_stages_match_the_plain_model_and_resume(tmp_path, verdict_path):
     np.testing.assert_allclose([b[s] for s in range(1, 21)], [a[s] for s in range(1, 21)], atol=1e-3, rtol=0)
     np.testing.assert_allclose(list(val_losses(piped).values()), list(val_losses(plain).values()), atol=1e-3)
 
+    # Generation through the stages draws from the same seed (train.seed + step) as the plain model's.
+    assert samples(piped) == samples(plain), (samples(piped), samples(plain))
+    assert sorted(samples(piped)) == [10, 20]
+
     # Resume: back to the step-10 checkpoint, then the same command finishes the run identically.
     shutil.rmtree(piped / "step_00000020")
     (piped / "latest").write_text("step_00000010")
-    before = losses(piped)
+    before, before_samples = losses(piped), samples(piped)
+    n = len(read_metrics(piped))  # the JSONL is appended to: only what the resumed run logs counts
     proc = run_pretrain(piped_args, ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "at step 10" in proc.stdout
-    after = {m["step"]: m["train/loss"] for m in read_metrics(piped)[-30:] if "train/loss" in m}
+    new = read_metrics(piped)[n:]
+    after = {m["step"]: m["train/loss"] for m in new if "train/loss" in m}
+    assert sorted(after) == list(range(11, 21))
     assert [after[s] for s in range(11, 21)] == [before[s] for s in range(11, 21)]
+    assert [(m["step"], m["samples/text"]) for m in new if "samples/text" in m] == [(20, before_samples[20])]

@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -84,11 +85,12 @@ def test_tinyshakespeare_two_workers_gives_tiktokens_of_the_whole_file(tmp_path)
     assert meta["max_token_id"] == max(expected)
     assert meta["tokenizer"] == identity()
     assert meta["sources"] == [
-        {"path": str(SHAKESPEARE), "documents": 1, "bytes": SHAKESPEARE.stat().st_size}
+        {"path": str(SHAKESPEARE), "documents_in": 1, "bytes": SHAKESPEARE.stat().st_size}
     ]
     assert meta["seed"] == 1234 and meta["val_fraction"] == 0.0 and meta["shard_tokens"] == 50_000
     val = json.loads((out / "val.json").read_text())
     assert val["tokens"] == 0 and val["shards"] == [] and val["documents"] == 0
+    assert val["sources"] == meta["sources"]  # the whole input's counts, the same in both splits
     assert not list(out.glob("*.tmp"))
 
 
@@ -171,7 +173,7 @@ def test_folder_glob_jsonl_and_gzip_inputs(tmp_path):
     assert shard_tokens(out).tolist() == encode_documents(expected)
     meta = json.loads((out / "train.json").read_text())
     assert [Path(s["path"]).name for s in meta["sources"]] == ["a.txt", "c.txt.gz", "d.jsonl.gz", "b.jsonl"]
-    assert [s["documents"] for s in meta["sources"]] == [1, 1, 2, 2]
+    assert [s["documents_in"] for s in meta["sources"]] == [1, 1, 2, 2]
 
     out2 = tmp_path / "out2"
     run([str(src / "*.txt*"), str(src / "a.txt")], out2)  # a glob; a file named twice counts once
@@ -367,6 +369,121 @@ def test_empty_files(tmp_path, capsys):
     assert "warning:" in capsys.readouterr().err
 
 
+def _gz_error(path: Path, reason: str) -> str:
+    return f"{path}: not a valid gzip file ({reason}); replace it with a complete copy, or leave it out of the inputs"
+
+
+def test_truncated_or_foreign_gzip_is_one_line_with_the_fix(tmp_path):
+    text = SHAKESPEARE.read_bytes()[:200_000]
+    cut = gzip.compress(text)
+    ended = "Compressed file ended before the end-of-stream marker was reached"
+    small = tmp_path / "small.txt.gz"  # read whole in a worker process
+    small.write_bytes(cut[: len(cut) // 2])
+    with pytest.raises(DsTrainerError) as err:
+        run([small], tmp_path / "o1", workers=2, unit_bytes=1 << 20)
+    assert str(err.value) == _gz_error(small, ended)
+    big = tmp_path / "big.jsonl.gz"  # streamed into units by the main process
+    big.write_bytes(gzip.compress(json.dumps({"text": text.decode()}).encode() + b"\n")[:-2000])
+    with pytest.raises(DsTrainerError) as err:
+        run([big], tmp_path / "o2", unit_bytes=4096)
+    assert str(err.value) == _gz_error(big, ended)
+    foreign = tmp_path / "plain.txt.gz"
+    foreign.write_bytes(b"plain text, never compressed")
+    with pytest.raises(DsTrainerError) as err:
+        run([foreign], tmp_path / "o3")
+    assert str(err.value) == _gz_error(foreign, "Not a gzipped file (b'pl')")
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))  # failed new folders are removed
+
+
+@pytest.mark.parametrize(("size", "where"), [(3_000, "worker"), (30_000, "main")])
+def test_unreadable_input_is_one_error_line_from_worker_or_main_process(
+    tmp_path, monkeypatch, capfd, size, where
+):
+    """An input that stops being a readable file after it was listed (here: replaced by a folder, which
+    fails even for root). A small file is read by a worker process, a big one first by the main process
+    (to plan its cut points); either way the launcher prints one line and no traceback."""
+    good, gone = tmp_path / "good.txt", tmp_path / "gone.txt"
+    good.write_text("Some text.")
+    gone.write_text("Words and more words.\n" * (size // 22))
+    real_resolve = P.resolve_inputs
+
+    def resolve_then_swap(specs, what="input"):
+        files = real_resolve(specs, what)
+        gone.unlink()
+        gone.mkdir()
+        return files
+
+    monkeypatch.setattr(P, "resolve_inputs", resolve_then_swap)
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        import prepare_data
+    finally:
+        sys.path.remove(str(REPO / "launch"))
+    out = tmp_path / "out"
+    args = [
+        str(good),
+        str(gone),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+        "--unit_bytes",
+        "4096",
+        "--no_progress",
+    ]
+    assert prepare_data.main(args) == 2
+    cap = capfd.readouterr()
+    assert "Traceback" not in cap.out + cap.err
+    assert cap.err.splitlines() == [
+        f"error: {gone}: cannot be read (Is a directory); make it a readable file, or leave it out of the inputs"
+    ]
+    assert not out.exists()
+
+
+def test_out_that_cannot_be_a_folder_is_one_line_with_the_fix(tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("Some words to prepare.")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    # Under a regular file no folder can be made, whoever runs the test (root too).
+    with pytest.raises(DsTrainerError) as err:
+        run([src], blocker / "out")
+    assert (
+        str(err.value)
+        == f"--out {blocker / 'out'}: cannot create the folder (Not a directory); choose another --out"
+    )
+    with pytest.raises(DsTrainerError) as err:
+        run([src], blocker)
+    assert str(err.value) == f"--out {blocker}: exists and is not a folder; choose another --out"
+    assert blocker.read_text() == "x"
+
+
+def test_no_room_for_a_shard_is_one_error_line_then_the_same_command_completes(tmp_path):
+    """A real write error from the OS: the launcher runs under a 200 kB file size limit (EFBIG, as a full
+    disk gives ENOSPC) and the first 676 kB shard cannot be written."""
+    out = tmp_path / "out"
+    args = [sys.executable, str(LAUNCHER), str(SHAKESPEARE), "--out", str(out), "--workers", "0"]
+    args += ["--val_fraction", "0", "--no_progress"]
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    proc = subprocess.run(
+        args, capture_output=True, text=True, cwd=REPO, timeout=120, preexec_fn=limit_file_size
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"error: {out / 'train_000000.bin.tmp'}: cannot be written (File too large); free disk space "
+        "(or raise the quota or file size limit), then rerun the same command to resume"
+    ]
+    assert not out.exists()  # nothing was committed: the new folder is removed again
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    expected = get_encoding().encode_ordinary(SHAKESPEARE.read_text(encoding="utf-8")) + [EOT_ID]
+    assert shard_tokens(out).tolist() == expected
+
+
 # --- the output folder ---------------------------------------------------------------------------------------------
 
 
@@ -392,6 +509,22 @@ def test_already_prepared_different_options_and_foreign_folders(tmp_path, capsys
     with pytest.raises(DsTrainerError, match="not empty and holds no progress.json"):
         run([src], foreign)
     assert os.listdir(foreign) == ["keep.me"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_rerun_rewrites_damaged_split_metadata(tmp_path, capsys, damage):
+    src = tmp_path / "a.txt"
+    src.write_text("Some words to prepare.")
+    out = tmp_path / "out"
+    run([src], out)
+    before = {s: (out / f"{s}.json").read_bytes() for s in ("train", "val")}
+    if damage == "truncate":
+        (out / "train.json").write_bytes(before["train"][:40])
+    else:
+        (out / "val.json").unlink()
+    assert run([src], out)["already_prepared"]
+    assert {s: (out / f"{s}.json").read_bytes() for s in ("train", "val")} == before
+    assert "already prepared" in capsys.readouterr().out
 
 
 def test_progress_bar_and_summary(tmp_path, capsys):

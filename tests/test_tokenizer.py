@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from ds_trainer import tokenizer
 from ds_trainer.tokenizer import EOT_ID, decode, encode_documents, get_encoding, identity
 
@@ -49,3 +53,35 @@ def test_identity_is_stable():
     assert len(first["ranks_sha256"]) == 64
     int(first["ranks_sha256"], 16)  # hex
     assert first["ranks_sha256"] == R50K_RANKS_SHA256
+
+
+def _load_in_fresh_process(cache_dir: str) -> subprocess.CompletedProcess:
+    """get_encoding() in a new interpreter with every network route closed (proxies to a dead port)."""
+    dead = "http://127.0.0.1:9"
+    env = {
+        **os.environ,
+        "TIKTOKEN_CACHE_DIR": cache_dir,
+        **{k: dead for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY")},
+    }
+    env.pop("NO_PROXY", None)
+    env.pop("no_proxy", None)
+    code = (
+        "from ds_trainer.errors import DsTrainerError\n"
+        "from ds_trainer.tokenizer import get_encoding\n"
+        "try:\n    print(get_encoding().encode_ordinary('Hello world'))\n"
+        "except DsTrainerError as e:\n    print('error:', e)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_loads_offline_from_the_cache_folder():
+    out = _load_in_fresh_process(os.environ["TIKTOKEN_CACHE_DIR"])
+    assert out.stdout.strip() == "[15496, 995]", out.stderr[-2000:]
+
+
+def test_missing_cache_file_offline_is_one_clear_error(tmp_path):
+    out = _load_in_fresh_process(str(tmp_path))
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot load the GPT-2 tokenizer (r50k_base)")
+    assert "TIKTOKEN_CACHE_DIR" in lines[0]
+    assert "Traceback" not in out.stderr

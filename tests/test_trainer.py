@@ -18,6 +18,7 @@ from conftest import (
     read_metrics,
     requires_libaio,
     run_pretrain,
+    samples,
     tiny_args,
     val_losses,
 )
@@ -43,7 +44,7 @@ def zero0_two_ranks(tmp_path_factory, verdict_path):
         ["--ds_config", str(ds), *tiny_args(d / "run", verdict_path, STEPS, **VARIANT)], ranks=2
     )
     ok(proc)
-    return losses(d / "run"), val_losses(d / "run")
+    return losses(d / "run"), val_losses(d / "run"), samples(d / "run")
 
 
 @pytest.mark.slow
@@ -72,13 +73,31 @@ def test_zero_variants_match_zero0_on_two_ranks(base, tmp_path, verdict_path, ze
     values = np.array([got[s] for s in range(1, STEPS + 1)])
     assert np.isfinite(values).all()
     assert values[-5:].mean() < values[:5].mean() - 0.3, values
-    ref_losses, ref_val = zero0_two_ranks
+    ref_losses, ref_val, ref_samples = zero0_two_ranks
     ref = np.array([ref_losses[s] for s in range(1, STEPS + 1)])
     np.testing.assert_allclose(values, ref, atol=1e-3, rtol=0)
     got_val = val_losses(tmp_path / "run")
     assert sorted(got_val) == sorted(ref_val) == [STEPS]
     np.testing.assert_allclose(got_val[STEPS], ref_val[STEPS], atol=1e-3, rtol=0)
+    # Sampling draws from seed + step on every rank, so partitioned weights must give the same text.
+    assert samples(tmp_path / "run") == ref_samples and len(ref_samples[STEPS]) > len("The meaning of")
+    # Only rank 0 prints and writes logs: one console line per step, one TensorBoard event file.
     assert proc.stdout.count(f"sample step {STEPS}") == 1, proc.stdout[-2000:]
+    assert [proc.stdout.count(f"step {s}/{STEPS} |") for s in (1, STEPS)] == [1, 1], proc.stdout[-2000:]
+    assert len(list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero3", "zero3_offload_cpu"])
+def test_shipped_bf16_json_runs_under_the_launcher(name, tmp_path, verdict_path):
+    """The README's command with the JSON as shipped (bf16, parameters offloaded to CPU in the second)."""
+    args = tiny_args(tmp_path / "run", verdict_path, 3, **{"data.context_length": 16})
+    proc = run_pretrain(["--ds_config", f"ds_configs/{name}.json", *args], ranks=2)
+    ok(proc)
+    got = losses(tmp_path / "run")
+    assert sorted(got) == [1, 2, 3] and all(5 < v < 12 for v in got.values()), got
+    assert "ZeRO-3 bf16 on 2 rank(s)" in proc.stdout
+    assert proc.stdout.count("step 3/3 |") == 1, proc.stdout[-2000:]
 
 
 @pytest.mark.slow

@@ -5,7 +5,9 @@ Output folder OUT (format `ds_trainer.tokens.v1`, read by ds_trainer.data.shards
 - `{split}_{i:06d}.bin`: little-endian uint16 token ids, every shard exactly `shard_tokens` tokens except the
   last one of its split; each document's tokens (tiktoken `encode_ordinary`) are followed by <|endoftext|>.
 - `{split}.json`: metadata, written last and atomically; its presence means the split is complete.
-  val.json is written before train.json, so a folder holding train.json is complete.
+  val.json is written before train.json, so a folder holding train.json is complete. Its `tokens`,
+  `documents` and `shards` are the split's; `sources` (documents read per input file, `documents_in`),
+  `cleaning`, `dedup` and `decontamination` describe the whole input, so both files carry them alike.
 - `progress.json`: what is committed, for resuming (kept after the end: it records the options).
 
 Pipeline (the main process plans and writes, worker processes do the work):
@@ -42,13 +44,19 @@ and re-cleans the units before `units_done` (to rebuild the duplicate set and st
 deterministic), but does not tokenise them; it truncates each `.tmp` to the recorded count (a shard
 renamed after the last checkpoint is taken back first) and carries on from unit `units_done`. The
 shards are byte-identical to an uninterrupted run. A different options fingerprint is refused, and a
-finished folder with the same options is reported as "already prepared".
+finished folder with the same options is reported as "already prepared" (a missing or damaged
+`{split}.json` is first rewritten from progress.json, which keeps a copy).
+
+OS errors (unreadable input, unwritable or full --out) stop the run with one DsTrainerError line naming
+the file, the OS's reason and the fix, also when they happen in a worker process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import functools
 import glob
 import gzip
 import hashlib
@@ -103,6 +111,46 @@ _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _WORD_RE = re.compile(r"\w+")
 # A safe cut: after "\n", with printable non-space ASCII before it and an ASCII letter after it.
 _CUT_RE = re.compile(rb"[\x21-\x7e]\n(?=[A-Za-z])")
+
+
+# --- OS errors as one-line errors ---------------------------------------------------------------------------
+
+# Running out of room: the fix is more room, after which the same command resumes.
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+def _unreadable(path: str, e: OSError, role: str = "the inputs") -> DsTrainerError:
+    return DsTrainerError(
+        f"{path}: cannot be read ({_reason(e)}); make it a readable file, or leave it out of {role}"
+    )
+
+
+def _unwritable(path: str | Path, e: OSError) -> DsTrainerError:
+    if e.errno in _NO_ROOM:
+        fix = "free disk space (or raise the quota or file size limit), then rerun the same command to resume"
+    else:
+        fix = "make the --out folder writable and rerun the same command, or choose another --out"
+    return DsTrainerError(f"{path}: cannot be written ({_reason(e)}); {fix}")
+
+
+@contextlib.contextmanager
+def _reading(path: str, role: str = "the inputs") -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        raise _unreadable(path, e, role) from None
+
+
+@contextlib.contextmanager
+def _writing(path: str | Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        raise _unwritable(e.filename or path, e) from None
 
 
 # --- options and inputs ------------------------------------------------------------------------------------
@@ -276,7 +324,7 @@ def _file_cut_offsets(path: str, size: int, unit_bytes: int) -> list[int]:
     """`cut_offsets` of a file's bytes, reading only small windows around the cut points."""
     cuts: list[int] = []
     pos, tail = 0, unit_bytes // 4
-    with open(path, "rb") as fh:
+    with _reading(path), open(path, "rb") as fh:
         while size - pos > unit_bytes + tail:
             start, width = pos + unit_bytes - 1, 4096
             while True:
@@ -360,7 +408,7 @@ def _file_line_ranges(path: str, size: int, unit_bytes: int) -> list[tuple[int, 
     """Byte ranges of whole lines of about `unit_bytes` (as `_stream_line_chunks`), reading only near the cuts."""
     ranges = []
     pos = 0
-    with open(path, "rb") as fh:
+    with _reading(path), open(path, "rb") as fh:
         while pos < size:
             start = pos + unit_bytes - 1
             end = size
@@ -407,14 +455,20 @@ def _has_ngram(words: Sequence[str], ev: _EvalNgrams) -> bool:
     return False
 
 
-def _read_file_bytes(f: InputFile) -> bytes:
-    with open(f.path, "rb") as fh:
+def _gzip_error(path: str, e: Exception) -> DsTrainerError:
+    return DsTrainerError(
+        f"{path}: not a valid gzip file ({e}); replace it with a complete copy, or leave it out of the inputs"
+    )
+
+
+def _read_file_bytes(f: InputFile, role: str = "the inputs") -> bytes:
+    with _reading(f.path, role), open(f.path, "rb") as fh:
         data = fh.read()
     if f.gz:
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as e:
-            raise DsTrainerError(f"{f.path}: not a valid gzip file ({e})") from None
+            raise _gzip_error(f.path, e) from None
     return data
 
 
@@ -424,7 +478,7 @@ def _load_eval(files: list[InputFile], opts: PrepareOptions) -> _EvalNgrams:
     docs = 0
     n = opts.ngram
     for f in files:
-        data = _read_file_bytes(f)
+        data = _read_file_bytes(f, "--decontaminate")
         if f.fmt == "txt":
             texts = [data.decode("utf-8", "replace")]
         else:
@@ -576,7 +630,7 @@ class _UnitWork:
             fi = u.file_idx[0]
             f = self.ctx.files[fi]
             if u.kind == "range":
-                with open(f.path, "rb") as fh:
+                with _reading(f.path), open(f.path, "rb") as fh:
                     fh.seek(u.start)
                     data = fh.read(u.end - u.start)
             else:
@@ -813,14 +867,16 @@ def _plan_units(files: list[InputFile], unit_bytes: int) -> Iterator[_Unit]:
 
 
 def _gz_units(f: InputFile, fi: int, unit_bytes: int, unit: Callable[..., _Unit]) -> Iterator[_Unit]:
-    with open(f.path, "rb") as raw:
+    with _reading(f.path):
+        raw = open(f.path, "rb")  # noqa: SIM115 - closed by the with below
+    with raw:
         gz = gzip.GzipFile(fileobj=raw)
 
         def read(n: int) -> bytes:
             try:
                 return gz.read(n)
             except (OSError, EOFError, zlib.error) as e:
-                raise DsTrainerError(f"{f.path}: not a valid gzip file ({e})") from None
+                raise _gzip_error(f.path, e) from None
 
         consumed = 0
 
@@ -858,6 +914,20 @@ def _gz_units(f: InputFile, fi: int, unit_bytes: int, unit: Callable[..., _Unit]
 # --- the shard writer (main process) -----------------------------------------------------------------------
 
 
+def _write_errors(method: Callable) -> Callable:
+    """A _ShardWriter method whose OS errors (a full disk, a folder made read-only) become one-line errors."""
+
+    @functools.wraps(method)
+    def wrapper(self: _ShardWriter, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as e:
+            # write() on a full disk names no file; the shard being filled is the one written.
+            raise _unwritable(e.filename or self.tmp, e) from None
+
+    return wrapper
+
+
 class _ShardWriter:
     """Appends tokens to `{split}_{i:06d}.bin.tmp`; renames it to `.bin` when it holds `shard_tokens` tokens."""
 
@@ -882,6 +952,7 @@ class _ShardWriter:
     def tokens(self) -> int:
         return sum(s["tokens"] for s in self.shards) + self.partial
 
+    @_write_errors
     def _recover(self) -> None:
         for s in self.shards:
             p = self.folder / s["file"]
@@ -911,6 +982,7 @@ class _ShardWriter:
             if m and int(m.group(1)) >= k and p != tmp:
                 p.unlink()
 
+    @_write_errors
     def append(self, arr: np.ndarray) -> None:
         arr = arr.astype("<u2", copy=False)
         while len(arr):
@@ -925,6 +997,7 @@ class _ShardWriter:
             if self.partial == self.shard_tokens:
                 self._commit()
 
+    @_write_errors
     def _commit(self) -> None:
         assert self.fh is not None
         self.fh.flush()
@@ -944,11 +1017,13 @@ class _ShardWriter:
         self.sha, self.max_id, self.partial = hashlib.sha256(), -1, 0
         self.commits += 1
 
+    @_write_errors
     def sync(self) -> None:
         if self.fh is not None:
             self.fh.flush()
             os.fsync(self.fh.fileno())
 
+    @_write_errors
     def finish(self) -> None:
         if self.partial:
             self._commit()
@@ -958,8 +1033,10 @@ class _ShardWriter:
             self.tmp.unlink(missing_ok=True)
 
     def close(self) -> None:
+        """Close after a failure: the error that stopped the run is the one to report, not a second one."""
         if self.fh is not None:
-            self.fh.close()
+            with contextlib.suppress(OSError):
+                self.fh.close()
             self.fh = None
 
     def state(self) -> dict:
@@ -971,7 +1048,20 @@ class _ShardWriter:
 
 def _write_json_atomic(path: Path, obj: dict, indent: int | None = None) -> None:
     # dumps without indent: json's C encoder. The folder is synced once by the caller.
-    write_atomic(path, json.dumps(obj, indent=indent) + "\n", sync_dir=False)
+    text = json.dumps(obj, indent=indent) + "\n"
+    with _writing(path):
+        write_atomic(path, text, sync_dir=False)
+
+
+def _metadata_intact(folder: Path, metas: dict) -> bool:
+    """Whether both {split}.json files hold exactly `metas` (not missing, truncated or edited)."""
+    for split in SPLITS:
+        try:
+            if json.loads((folder / f"{split}.json").read_text()) != metas[split]:
+                return False
+        except (OSError, ValueError):
+            return False
+    return True
 
 
 def _write_metadata(folder: Path, metas: dict) -> None:
@@ -1006,10 +1096,27 @@ class _OutDir:
         """The progress.json found (None for a new or empty folder)."""
         p = self.path
         if p.exists() and not p.is_dir():
-            raise DsTrainerError(f"--out {p}: exists and is not a folder")
+            raise DsTrainerError(f"--out {p}: exists and is not a folder; choose another --out")
         if not p.exists():
-            p.mkdir(parents=True)
+            try:
+                p.mkdir(parents=True)
+            except OSError as e:
+                raise DsTrainerError(
+                    f"--out {p}: cannot create the folder ({_reason(e)}); choose another --out"
+                ) from None
             self.created = True
+        try:
+            return self._lock_and_read()
+        except BlockingIOError:
+            raise DsTrainerError(f"--out {p}: another preparation is writing into this folder") from None
+        except OSError as e:
+            raise DsTrainerError(
+                f"--out {p}: cannot be used ({_reason(e)}); make the folder readable and writable, "
+                "or choose another --out"
+            ) from None
+
+    def _lock_and_read(self) -> dict | None:
+        p = self.path
         try:
             import fcntl
 
@@ -1017,14 +1124,15 @@ class _OutDir:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:
             pass
-        except BlockingIOError:
-            raise DsTrainerError(f"--out {p}: another preparation is writing into this folder") from None
         progress = p / PROGRESS_FILE
         if progress.is_file():
             try:
-                return json.loads(progress.read_text())
-            except json.JSONDecodeError as e:
+                state = json.loads(progress.read_text())
+            except ValueError as e:
                 raise DsTrainerError(f"{progress}: unreadable ({e}); use a new --out") from None
+            if not isinstance(state, dict):
+                raise DsTrainerError(f"{progress}: not a preparation's progress record; use a new --out")
+            return state
         if any(p.iterdir()):
             raise DsTrainerError(
                 f"--out {p}: the folder is not empty and holds no {PROGRESS_FILE}, so it is no preparation "
@@ -1197,7 +1305,8 @@ class _Preparation:
         off, lines = self.line_cache.get(fi, (0, 0))
         if start < off:
             off, lines = 0, 0
-        with open(self.files[fi].path, "rb") as fh:
+        path = self.files[fi].path
+        with _reading(path), open(path, "rb") as fh:
             fh.seek(off)
             while off < start:
                 chunk = fh.read(min(1 << 20, start - off))
@@ -1251,6 +1360,9 @@ class _Preparation:
                 unit, tokenize, fut = in_flight.popleft()
                 try:
                     res = fut.result()
+                except DsTrainerError as e:
+                    # From a worker, the pool attaches the worker's traceback as the cause; the line is enough.
+                    raise DsTrainerError(str(e)) from None
                 except BrokenProcessPool as e:
                     raise DsTrainerError(
                         f"a worker process died ({e}); out of memory? rerun the same command to resume "
@@ -1422,8 +1534,10 @@ class _Preparation:
             "shards": [{"file": s["file"], "tokens": s["tokens"], "sha256": s["sha256"]} for s in w.shards],
             "tokenizer": identity(),
             "max_token_id": max([s["max_token_id"] for s in w.shards], default=0),
+            # Read from each file before any drop, both splits together (as in "cleaning"); named
+            # documents_in so it is not taken for the split's count in "documents" above.
             "sources": [
-                {"path": f.path, "documents": n, "bytes": f.size}
+                {"path": f.path, "documents_in": n, "bytes": f.size}
                 for f, n in zip(self.files, self.source_docs, strict=True)
             ],
             "cleaning": {
@@ -1610,7 +1724,7 @@ def prepare(
                 )
             if state.get("done"):
                 final = state["final"]
-                if not all((out_path / f"{s}.json").is_file() for s in SPLITS):
+                if not _metadata_intact(out_path, final["metadata"]):
                     _write_metadata(out_path, final["metadata"])
                 s = final["summary"]
                 print(
@@ -1634,9 +1748,9 @@ def prepare(
             len(empty),
             out_stream,
         )
-        if state is None:
-            run.write_progress(0, done=False)
         try:
+            if state is None:
+                run.write_progress(0, done=False)
             return run.run()
         except DsTrainerError:
             # A new folder that failed before committing anything is removed again: nothing to resume.
@@ -1649,12 +1763,13 @@ def prepare(
 
 def _remove_our_files(folder: Path) -> None:
     progress = folder / PROGRESS_FILE
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, ValueError):
         state = json.loads(progress.read_text())
         if state.get("units_done"):
             return
-    for p in folder.iterdir():
-        if re.fullmatch(r"(train|val)_\d{6}\.bin(\.tmp)?|progress\.json(\.tmp)?", p.name):
-            p.unlink(missing_ok=True)
+    # Cleanup after a failure, perhaps on a full disk: whatever cannot be removed stays.
     with contextlib.suppress(OSError):
+        for p in folder.iterdir():
+            if re.fullmatch(r"(train|val)_\d{6}\.bin(\.tmp)?|\.?progress\.json(\.tmp)?", p.name):
+                p.unlink(missing_ok=True)
         folder.rmdir()

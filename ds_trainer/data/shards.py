@@ -18,14 +18,24 @@ def is_prepared(path: str | Path) -> bool:
 
 
 def read_metadata(folder: str | Path, split: str) -> dict:
+    """The split's metadata (see ds_trainer.data.prepare); a missing or damaged file is a one-line error."""
     f = Path(folder) / f"{split}.json"
     if not f.is_file():
         raise DsTrainerError(
             f"{folder}: no {split}.json; the preparation did not finish (rerun launch/prepare_data.py with the same command)"
         )
-    meta = json.loads(f.read_text())
-    if meta.get("format") != FORMAT:
-        raise DsTrainerError(f"{f}: format {meta.get('format')!r} is not {FORMAT!r}; prepare the data again")
+    rewrite = "rerun the same launch/prepare_data.py command to rewrite it, or prepare the data again"
+    try:
+        meta = json.loads(f.read_text())
+    except OSError as e:
+        raise DsTrainerError(
+            f"{f}: cannot be read ({e.strerror or e}); make it readable, or {rewrite}"
+        ) from None
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise DsTrainerError(f"{f}: damaged, not valid JSON ({e}); {rewrite}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise DsTrainerError(f"{f}: format {got!r} is not {FORMAT!r}; prepare the data again")
     return meta
 
 

@@ -157,7 +157,14 @@ def load_text_documents(spec: str) -> list[str]:
         try:
             docs.append(f.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
-            raise DsTrainerError(f"data.path: {f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise DsTrainerError(
+                f"data.path: {f} is not UTF-8 text ({e.reason} at byte {e.start}); fix the file, or prepare it "
+                "with launch/prepare_data.py --invalid_utf8 replace and point data.path at the prepared folder"
+            ) from None
+        except OSError as e:
+            raise DsTrainerError(
+                f"data.path: {f} cannot be read ({e.strerror or e}); make it readable, or point data.path elsewhere"
+            ) from None
     if not any(d.strip() for d in docs):
         raise DsTrainerError(f"data.path {spec}: the files hold no text")
     return docs

@@ -1,4 +1,5 @@
-"""Data: token windows, the train/validation split, text loading, and the global batch sampler."""
+"""Small text corpora (ds_trainer/data/text.py): token windows and window sets, the train/validation split,
+loading text files, folders and globs, and the built-in corpus."""
 
 from __future__ import annotations
 
@@ -93,9 +94,13 @@ def test_load_errors(tmp_path):
     (tmp_path / "blank.txt").write_text("  \n")
     with pytest.raises(DsTrainerError, match="hold no text"):
         load_text_documents(str(tmp_path))
-    (tmp_path / "blank.txt").write_bytes(b"\xff\xfe bad")
-    with pytest.raises(DsTrainerError, match="is not UTF-8"):
+    (tmp_path / "blank.txt").write_bytes(b"ok \xff\xfe bad")
+    with pytest.raises(DsTrainerError) as err:
         load_text_documents(str(tmp_path))
+    assert str(err.value) == (
+        f"data.path: {tmp_path / 'blank.txt'} is not UTF-8 text (invalid start byte at byte 3); fix the file, "
+        "or prepare it with launch/prepare_data.py --invalid_utf8 replace and point data.path at the prepared folder"
+    )
 
 
 # The corpus includes typing's deprecated io/re namespaces, whose docstrings warn on Python 3.11.
