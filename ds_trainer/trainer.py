@@ -284,7 +284,9 @@ class Trainer:
         if grad_norm is not None:
             scalars["train/grad_norm"] = grad_norm
         if self.ds.fp16:
-            scalars["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
+            # `loss_scale` is the property every fp16 optimizer of DeepSpeed has (ZeRO-0's FP16_Optimizer
+            # has no `cur_scale`).
+            scalars["train/loss_scale"] = float(self.engine.optimizer.loss_scale)
         self.metrics.scalars(p.step, scalars)
         self.metrics.print(
             console_line(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
@@ -322,3 +323,27 @@ def test_mixture_and_rampup_settings(tmp_path):
     msg = str(e.value)
     assert "data.path and data.mixture are both set" in msg and "weight of 'a' must be > 0" in msg
     assert "needs exactly one of train.rampup_samples or train.rampup_tokens" in msg
+
+
+def test_every_run_config_field_has_a_docstring():
+    """The field docstrings are the run config's reference (README points there); none may be missing."""
+    import ast
+
+    from ds_trainer import config
+
+    tree = ast.parse(Path(config.__file__).read_text())
+    sections = {
+        f.type if isinstance(f.type, str) else f.type.__name__ for f in dataclasses.fields(config.RunConfig)
+    }
+    missing = []
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name in sections):
+        body = cls.body
+        for i, node in enumerate(body):
+            if isinstance(node, ast.AnnAssign):
+                nxt = body[i + 1] if i + 1 < len(body) else None
+                documented = isinstance(nxt, ast.Expr) and isinstance(
+                    getattr(nxt, "value", None), ast.Constant
+                )
+                if not documented:
+                    missing.append(f"{cls.name}.{node.target.id}")
+    assert len(sections) == 8 and not missing, missing

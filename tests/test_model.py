@@ -297,3 +297,17 @@ def test_from_preset_applies_overrides():
 def test_n_embd_not_divisible_by_n_head_raises():
     with pytest.raises(DsTrainerError, match=r"n_embd \(30\) must be divisible by model.n_head \(4\)"):
         GPT(replace(SMALL, n_embd=30, n_head=4))
+
+
+def test_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=100, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.5))
+    x = torch.randint(0, 100, (2, 8))
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    no_dropout = GPT(replace(model.config, dropout=0.0))
+    no_dropout.load_state_dict(model.state_dict())
+    no_dropout.train()
+    assert torch.equal(no_dropout(x), model(x))  # eval() turns dropout off, nothing else

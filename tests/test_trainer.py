@@ -91,11 +91,15 @@ def test_zero_variants_match_zero0_on_two_ranks(base, tmp_path, verdict_path, ze
 @pytest.mark.parametrize("name", ["zero3", "zero3_offload_cpu"])
 def test_shipped_bf16_json_runs_under_the_launcher(name, tmp_path, verdict_path):
     """The README's command with the JSON as shipped (bf16, parameters offloaded to CPU in the second)."""
-    args = tiny_args(tmp_path / "run", verdict_path, 3, **{"data.context_length": 16})
+    args = tiny_args(
+        tmp_path / "run", verdict_path, 3, **{"data.context_length": 16, "checkpoint.save_interval": 2}
+    )
     proc = run_pretrain(["--ds_config", f"ds_configs/{name}.json", *args], ranks=2)
     ok(proc)
     got = losses(tmp_path / "run")
     assert sorted(got) == [1, 2, 3] and all(5 < v < 12 for v in got.values()), got
+    # A checkpoint every save interval and one at the end.
+    assert sorted(p.name for p in (tmp_path / "run").glob("step_*")) == ["step_00000002", "step_00000003"]
     assert "ZeRO-3 bf16 on 2 rank(s)" in proc.stdout
     assert proc.stdout.count("step 3/3 |") == 1, proc.stdout[-2000:]
 
