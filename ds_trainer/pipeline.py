@@ -64,6 +64,26 @@ def parse_partition(method: str, n_layer: int, stages: int) -> str | list[int]:
     )
 
 
+def stage_without_blocks(parts: list[int], n_layer: int, partition: str) -> str | None:
+    """A stage that holds no transformer block, as a problem to report (None when every stage has one).
+
+    Such a stage (e.g. only the final LayerNorm and the head) has no weight-decayed parameters, so
+    DeepSpeed drops that parameter group there; ZeRO then runs one gradient-norm all-reduce per group
+    and the stages wait on each other forever. Layers are: embedding, blocks 1..n_layer, LayerNorm, head.
+    """
+    names = ["embedding", *(f"block {i}" for i in range(1, n_layer + 1)), "final LayerNorm", "head"]
+    for stage, (start, stop) in enumerate(zip(parts[:-1], parts[1:], strict=True)):
+        if not any(1 <= i <= n_layer for i in range(start, stop)):
+            held = ", ".join(names[start:stop]) or "nothing"
+            stages = len(parts) - 1
+            even = ",".join(str(n_layer // stages + (i < n_layer % stages)) for i in range(stages))
+            return (
+                f"pipeline.partition {partition!r} gives stage {stage} no transformer block ({held}); every stage "
+                f"needs one: use pipeline.partition blocks:{even}, or fewer pipeline.stages"
+            )
+    return None
+
+
 class GPTPipeline(PipelineModule):
     """PipelineModule that also accepts explicit layer boundaries, and initialises like the plain GPT."""
 
@@ -94,6 +114,9 @@ class GPTPipeline(PipelineModule):
             activation_checkpoint_interval=1 if checkpoint_blocks else 0,
             checkpointable_layers=["Block"],
         )
+        # Every rank knows every stage's bounds, so all of them stop here with the same message.
+        if problem := stage_without_blocks(self.parts, cfg.n_layer, partition):
+            raise DsTrainerError(problem)
         self._init_like_gpt(cfg)
 
     def _partition_layers(self, method: str = "uniform") -> None:

@@ -103,16 +103,17 @@ SAVE = 2
 
 
 # (faults, steps whose checkpoint is the newest after each launch). ZeRO-1 gets all three kill points;
-# 0 and 2, to keep CI short, the two that matter most: inside a save, and a resume at step 10.
+# ZeRO-0, to keep CI short, the two that matter most: inside a save, and a resume at step 10. ZeRO-2
+# runs DeepSpeed's optimizer class of ZeRO-1, and its bitwise resume after a SIGKILL is
+# tests/test_supervisor.py's (kill@3); the commit protocol tested here does not depend on the stage.
 KILLS = {
     0: ("kill_in_save@6:1,kill@11:0", (4, 10, STEPS)),
     1: ("kill@3:1,kill_in_save@6:1,kill@11:0", (2, 4, 10, STEPS)),
-    2: ("kill_in_save@6:1,kill@11:0", (4, 10, STEPS)),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", sorted(KILLS))
 def test_sigkill_at_three_points_then_resume_is_exact(tmp_path, verdict_path, stage):
     """2 ranks, dropout on, fp32: killed after a step, inside a save (half-written shard) and again,
     each time restarted with the same command. Every logged loss and every saved tensor equals

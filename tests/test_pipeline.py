@@ -11,7 +11,7 @@ from conftest import REPO, fp32, losses, read_metrics, run_pretrain, samples, ti
 
 from ds_trainer.config import load_run_config
 from ds_trainer.errors import DsTrainerError
-from ds_trainer.pipeline import parse_partition
+from ds_trainer.pipeline import parse_partition, stage_without_blocks
 
 
 def test_partition_methods():
@@ -128,3 +128,32 @@ def test_two_stages_match_the_plain_model_and_resume(tmp_path, verdict_path):
     assert sorted(after) == list(range(11, 21))
     assert [after[s] for s in range(11, 21)] == [before[s] for s in range(11, 21)]
     assert [(m["step"], m["samples/text"]) for m in new if "samples/text" in m] == [(20, before_samples[20])]
+
+
+def test_a_stage_without_blocks_is_named():
+    # gpt2-tiny's 5 layers cut uniformly in 2: the embedding and both blocks, then LayerNorm and head.
+    msg = stage_without_blocks([0, 3, 5], 2, "uniform")
+    assert msg == (
+        "pipeline.partition 'uniform' gives stage 1 no transformer block (final LayerNorm, head); every stage "
+        "needs one: use pipeline.partition blocks:1,1, or fewer pipeline.stages"
+    )
+    assert "stage 0 no transformer block (embedding)" in stage_without_blocks([0, 1, 8, 15], 12, "parameters")
+    assert stage_without_blocks([0, 2, 5], 2, "uniform") is None
+    assert stage_without_blocks([0, 6, 15], 12, "blocks:5,7") is None
+
+
+@pytest.mark.slow
+def test_partition_leaving_a_stage_without_blocks_stops_every_rank_with_one_line(tmp_path, verdict_path):
+    """Before this check, ZeRO-1 waited forever: the stages ran different numbers of all-reduces."""
+    ds = str(fp32(tmp_path / "ds.json", "zero1"))
+    args = tiny_args(
+        tmp_path / "run", verdict_path, 2, **{"pipeline.stages": 2, "pipeline.partition": "uniform"}
+    )
+    proc = run_pretrain(["--ds_config", ds, *args], ranks=2, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: pipeline.partition 'uniform' gives stage 1 no transformer block (final LayerNorm, head); every "
+        "stage needs one: use pipeline.partition blocks:1,1, or fewer pipeline.stages"
+    ], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
