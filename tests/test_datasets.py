@@ -156,7 +156,7 @@ def test_unfinished_preparation_is_named_as_such(tmp_path):
     with pytest.raises(DsTrainerError) as err:
         build_datasets({str(out): 1.0}, 4, 4, None, 50257)
     assert str(err.value) == (
-        f"{out}: the preparation in this folder did not finish (progress.json but no train.json); "
+        f"{out}: the preparation in this folder did not finish (no train.json); "
         "rerun the same launch/prepare_data.py command to complete it"
     )
     write_prepared(tmp_path / "done", {"train": [np.arange(40)], "val": [np.arange(0)]})

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from ds_trainer.data.prepare import PROGRESS_FILE
 from ds_trainer.data.shards import TokenShards, is_prepared, read_metadata
 from ds_trainer.data.text import TokenWindows, WindowSet, text_tokens
 from ds_trainer.errors import DsTrainerError
@@ -32,13 +29,6 @@ def build_datasets(
     a text file, folder or glob, or "" for the built-in corpus. Prepared folders bring their own
     validation split; text is split by `val_fraction` (default 0.1).
     """
-    for path in sources:
-        if path and not is_prepared(path) and (Path(path) / PROGRESS_FILE).is_file():
-            # Without this, the folder would be read as text and the error would be about *.txt files.
-            raise DsTrainerError(
-                f"{path}: the preparation in this folder did not finish ({PROGRESS_FILE} but no train.json); "
-                "rerun the same launch/prepare_data.py command to complete it"
-            )
     prepared = {path: bool(path) and is_prepared(path) for path in sources}
     if val_fraction is not None and all(prepared.values()):
         raise DsTrainerError(

@@ -81,12 +81,11 @@ from pathlib import Path
 import numpy as np
 
 from ds_trainer.atomic_io import fsync_dir, write_atomic
+from ds_trainer.data.shards import FORMAT, PROGRESS_FILE
 from ds_trainer.errors import DsTrainerError
 from ds_trainer.tokenizer import EOT_ID, get_encoding, identity
 
-FORMAT = "ds_trainer.tokens.v1"
 PROGRESS_FORMAT = "ds_trainer.prepare.progress.v1"
-PROGRESS_FILE = "progress.json"
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_UNIT_BYTES = 256 * 1024

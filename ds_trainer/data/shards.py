@@ -10,11 +10,15 @@ import numpy as np
 from ds_trainer.errors import DsTrainerError
 
 FORMAT = "ds_trainer.tokens.v1"
+PROGRESS_FILE = "progress.json"  # written first by a preparation and kept after it
 
 
 def is_prepared(path: str | Path) -> bool:
-    """A prepared dataset is a folder holding train.json, the metadata written when its shards are complete."""
-    return (Path(path) / "train.json").is_file()
+    """A folder launch/prepare_data.py wrote: train.json once its shards are complete, progress.json from
+    the start. An unfinished one counts too, so that read_metadata names it instead of it being read as text.
+    """
+    p = Path(path)
+    return (p / "train.json").is_file() or (p / PROGRESS_FILE).is_file()
 
 
 def read_metadata(folder: str | Path, split: str) -> dict:
@@ -22,7 +26,8 @@ def read_metadata(folder: str | Path, split: str) -> dict:
     f = Path(folder) / f"{split}.json"
     if not f.is_file():
         raise DsTrainerError(
-            f"{folder}: no {split}.json; the preparation did not finish (rerun launch/prepare_data.py with the same command)"
+            f"{folder}: the preparation in this folder did not finish (no {split}.json); "
+            "rerun the same launch/prepare_data.py command to complete it"
         )
     rewrite = "rerun the same launch/prepare_data.py command to rewrite it, or prepare the data again"
     try:
