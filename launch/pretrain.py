@@ -12,7 +12,14 @@ from ds_trainer.config import load_run_config
 from ds_trainer.errors import DsTrainerError
 
 
+def report(error: DsTrainerError) -> int:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    return error.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Returns only for a bad command line or run config; once training starts, the process ends here."""
     # No abbreviations: `--conf x` must reach the run config as an unknown key, not pass as --config.
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
@@ -23,13 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         run = load_run_config(args.config, overrides)
-        from ds_trainer.pretrain import pretrain  # heavy imports only once the arguments are good
-
-        return pretrain(run, args.ds_config)
     except DsTrainerError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
+        return report(e)
+    from ds_trainer.engine import end_process  # heavy imports only once the arguments are good
+    from ds_trainer.pretrain import pretrain
+
+    try:
+        code = pretrain(run, args.ds_config)
+    except DsTrainerError as e:
+        code = report(e)
+    end_process(code)
 
 
 if __name__ == "__main__":

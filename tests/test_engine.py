@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -314,6 +316,29 @@ def test_stale_shm_buffers_are_removed_and_mapped_ones_kept(tmp_path):
     with open(live, "r+b") as fh, mmap.mmap(fh.fileno(), 4096):
         assert remove_stale_shm_buffers(tmp_path) == [str(stale)]
     assert not stale.exists() and live.exists() and other.exists()
+
+
+END_PROCESS_SCRIPT = """
+import atexit, logging, sys
+from ds_trainer.engine import end_process
+atexit.register(lambda: print("finalized", flush=True))
+logging.basicConfig(filename=sys.argv[1])
+logging.getLogger("ds_trainer").warning("logged before the end")
+sys.stdout.write("stdout without newline")  # block-buffered into a pipe until flushed
+sys.stderr.write("stderr without newline")
+end_process(3)
+"""
+
+
+def test_end_process_keeps_code_and_output_and_skips_teardown(tmp_path):
+    log = tmp_path / "log.txt"
+    proc = subprocess.run(
+        [sys.executable, "-c", END_PROCESS_SCRIPT, str(log)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert proc.stdout.endswith("stdout without newline") and "finalized" not in proc.stdout
+    assert proc.stderr.endswith("stderr without newline")
+    assert log.read_text() == "WARNING:ds_trainer:logged before the end\n"
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import torch
 
 from ds_trainer.config import load_run_config
 from ds_trainer.ds_config import load_ds_json, resolve
-from ds_trainer.engine import build_engine, build_model, init_distributed
+from ds_trainer.engine import build_engine, build_model, end_process, init_distributed
 from ds_trainer.model import GPT
 
 
@@ -85,6 +85,7 @@ def main() -> None:
     }
     with open(f"{out_path}.rank{os.environ['RANK']}", "w") as f:
         json.dump(result, f)
+    end_process(0)  # DeepSpeed's gloo groups must not reach the interpreter's teardown
 
 
 if __name__ == "__main__":
