@@ -9,13 +9,7 @@ import os
 import sys
 
 from ds_trainer.config import load_run_config
-from ds_trainer.errors import DsTrainerError
-
-
-def report(error: DsTrainerError) -> int:
-    if os.environ.get("RANK", "0") == "0":
-        print(f"error: {error}", file=sys.stderr, flush=True)
-    return error.exit_code
+from ds_trainer.errors import DsTrainerError, report_on_rank
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,17 +22,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ds_config", help="DeepSpeed JSON; default: built-in ZeRO-0 fp32 AdamW")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     args, overrides = parser.parse_known_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
     try:
         run = load_run_config(args.config, overrides)
     except DsTrainerError as e:
-        return report(e)
+        return report_on_rank(e, rank)
     from ds_trainer.engine import end_process  # heavy imports only once the arguments are good
     from ds_trainer.pretrain import pretrain
 
     try:
         code = pretrain(run, args.ds_config)
     except DsTrainerError as e:
-        code = report(e)
+        code = report_on_rank(e, rank)
     end_process(code)
 
 
