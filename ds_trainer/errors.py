@@ -27,9 +27,8 @@ def report_on_rank(error: DsTrainerError, rank: int, grace_s: float = PEER_REPOR
     alive after `grace_s` has a problem rank 0 did not have, and prints it with its rank.
     """
     if rank != 0:
-        signal.signal(
-            signal.SIGTERM, signal.SIG_DFL
-        )  # the launcher's stop ends the wait, whatever was installed
+        # The launcher's stop must end the wait at once, whatever handler the run installed.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         time.sleep(grace_s)
     print(f"error: {'' if rank == 0 else f'rank {rank}: '}{error}", file=sys.stderr, flush=True)
     return error.exit_code
