@@ -18,6 +18,7 @@ setup(
     ],
     extras_require={
         # transformers: the GPT-2 equivalence and export tests load Hugging Face models.
-        "test": ["pytest>=8", "transformers>=4.40", "ruff>=0.6"],
+        # pytest-random-order: the suite is run in shuffled order now and then (-p random_order).
+        "test": ["pytest>=8", "pytest-random-order>=1.1", "transformers>=4.40", "ruff>=0.6"],
     },
 )

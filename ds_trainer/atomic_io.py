@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -17,13 +18,23 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def write_atomic(path: Path, text: str, sync_dir: bool = True) -> None:
-    """Write to a temporary name, fsync, rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def temporary_path(path: Path) -> Path:
+    """Where write_atomic writes before the rename (a crash may leave it; the next write replaces it)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def write_atomic(
+    path: Path, text: str, sync_dir: bool = True, before_replace: Callable[[], None] | None = None
+) -> None:
+    """Write to a temporary name, fsync, rename over `path`. `before_replace` runs between the two
+    (failure drills kill the process there)."""
+    tmp = temporary_path(path)
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    if before_replace is not None:
+        before_replace()
     os.replace(tmp, path)
     if sync_dir:
         fsync_dir(path.parent)

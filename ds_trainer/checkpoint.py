@@ -293,6 +293,25 @@ def _add_stage12_layout(source: Path, universal: Path) -> None:
         torch.save(step, folder / "step.pt")
 
 
+def _restore_stage3_param_groups(engine: Any, universal: Path) -> None:
+    """DeepSpeed's ZeRO-3 universal load gives every parameter group the settings of the first one
+    (runtime/zero/stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3), so the group without
+    weight decay (biases, LayerNorm weights, embeddings) would be decayed from then on. Each group gets
+    its own settings back from the checkpoint, as the ZeRO-1/2 load does."""
+    common = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    saved = common["optimizer_state_dict"]["param_groups"]
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer):
+        opt = opt.optimizer  # ZeRO's wrapper holds the torch optimizer here
+    if len(saved) != len(opt.param_groups):
+        raise DsTrainerError(
+            f"{universal} has {len(saved)} parameter groups, the optimizer {len(opt.param_groups)}; "
+            "resume on the checkpoint's ZeRO stage, or point checkpoint.dir at a new folder to start afresh"
+        )
+    for group, settings in zip(opt.param_groups, saved, strict=True):
+        group.update({k: v for k, v in settings.items() if k != "params"})
+
+
 # --- the checkpointer ------------------------------------------------------------------------------
 
 
@@ -456,12 +475,17 @@ class Checkpointer:
                 f"DeepSpeed could not load {self.dir / plan.load_tag}; move it aside to resume from an earlier "
                 "checkpoint, or set checkpoint.resume false to start afresh"
             )
+        if plan.universal and engine.zero_optimization_stage() == 3:
+            _restore_stage3_param_groups(engine, self.dir / plan.load_tag)
         for k, o in self.shared.items():
             o.load_state_dict(client[CLIENT_KEY][k])
         rng = self.dir / plan.load_tag / rng_file(self.rank)
         if plan.saved["meta"]["world_size"] == self.world and rng.is_file():
             self.rng.load_state_dict(torch.load(rng, weights_only=False))
         self.resumed_step = plan.step
+        if self.rank == 0 and self.latest_tag() != plan.step_tag:
+            # A crash after a commit's rename left `latest` naming the step before; export reads it.
+            write_atomic(self.dir / LATEST, plan.step_tag)
 
     # -- save
     def save(self, engine: Any, step: int) -> Path:
@@ -494,7 +518,8 @@ class Checkpointer:
         gathered = self._gather(sums)
         if self.rank == 0:
             self._write_manifest(partial, {k: v for d in gathered for k, v in d.items()})
-            self._commit(partial, self.dir / tag)
+            self._fault("kill_after_manifest", step)
+            self._commit(partial, self.dir / tag, step)
             self._prune()
         self._barrier()  # nobody reads `latest` before it names the new checkpoint
         self.last_save_seconds = time.perf_counter() - t0
@@ -515,14 +540,22 @@ class Checkpointer:
                 os.fsync(f.fileno())
         write_atomic(folder / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1))
 
-    def _commit(self, partial: Path, final: Path) -> None:
+    def _commit(self, partial: Path, final: Path, step: int) -> None:
+        """The rename is the commit: resume takes the newest committed folder, whatever `latest` says."""
         if final.exists():  # the same step saved again (a rerun after a resume): the new one wins
             doomed = final.with_name(DELETING + final.name)
             os.rename(final, doomed)
             shutil.rmtree(doomed)
         os.rename(partial, final)
         fsync_dir(self.dir)
-        write_atomic(self.dir / LATEST, final.name)
+        self._fault("kill_after_rename", step)
+        write_atomic(
+            self.dir / LATEST, final.name, before_replace=lambda: self._fault("kill_in_latest", step)
+        )
+
+    def _fault(self, kind: str, step: int) -> None:
+        if self.faults is not None:
+            self.faults.in_commit(kind, step)
 
     def _sweep(self) -> None:
         for p in self.dir.iterdir():

@@ -18,9 +18,19 @@ from typing import Any
 
 from ds_trainer.config import RunConfig
 from ds_trainer.data.sampler import BatchRampup
+from ds_trainer.ds_validate import (
+    AUTO,
+    MIN_WARMUP_STEPS,
+    deepspeed_refusal,
+    json_problems,
+    precision_enabled,
+    run_length,
+    scheduler_class,
+    shape_problems,
+    zero_stage,
+)
 from ds_trainer.errors import DsTrainerError
 
-AUTO = "auto"
 DEFAULT_MICRO_BATCH = 4
 DEFAULT_PEAK_LR = 6e-4
 DEFAULT_STEPS = 300
@@ -144,17 +154,18 @@ class ResolvedDSConfig:
             self.rampup_samples,
         )
 
+    # Read as DeepSpeed's models read them: "auto" is the default, "false" is off.
     @property
     def zero_stage(self) -> int:
-        return int(self.config.get("zero_optimization", {}).get("stage", 0))
+        return zero_stage(self.config)
 
     @property
     def fp16(self) -> bool:
-        return bool(self.config.get("fp16", {}).get("enabled", False))
+        return precision_enabled(self.config, "fp16")
 
     @property
     def bf16(self) -> bool:
-        return bool(self.config.get("bf16", self.config.get("bfloat16", {})).get("enabled", False))
+        return precision_enabled(self.config, "bf16")
 
 
 def load_ds_json(path: str | None) -> tuple[dict[str, Any], str]:
@@ -193,6 +204,10 @@ def _pick(
     return json_value
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 def _int_problem(v: Any, key: str, src: str) -> str | None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         return f'{src}: {key} must be a positive integer or "auto", got {v!r}'
@@ -215,7 +230,7 @@ def resolve(
     accumulation steps are chosen to keep it.
     """
     cfg = copy.deepcopy(raw)
-    problems: list[str] = []
+    problems = shape_problems(cfg, source)
     t = run.train
     stages = run.pipeline.stages
     if world_size % stages:
@@ -313,7 +328,7 @@ def resolve(
     _resolve_optimizer_and_schedule(cfg, source, run, total_steps, problems)
     problems += device_problems(cfg, source, accelerator)
     _resolve_activation_checkpointing(cfg, source, run, problems)
-    stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+    stage = zero_stage(cfg)
     if stages > 1 and stage > 1:
         problems.append(
             f"{source}: zero_optimization.stage={stage} with pipeline.stages={stages}; DeepSpeed's pipeline engine "
@@ -330,6 +345,9 @@ def resolve(
         else:
             ramp = BatchRampup(global_batch, micro * dp, start, run.rampup_samples or 0)
             optimizer_steps = ramp.steps_for(total_steps * global_batch)
+    problems += json_problems(cfg, source, run, total_steps)
+    if not problems:  # DeepSpeed's own parser last: what it refuses that the checks above do not know
+        problems = deepspeed_refusal(cfg, source)
     if problems:
         raise DsTrainerError("; ".join(problems))
     return ResolvedDSConfig(
@@ -352,7 +370,8 @@ def _resolve_optimizer_and_schedule(
         problems.append(
             f"{source}: train.peak_lr is set but the JSON has no optimizer section to apply it to"
         )
-    peak = peak or DEFAULT_PEAK_LR
+    # A bad lr stays in the JSON for ds_validate to report; the schedule's ratios use the default meanwhile.
+    peak = peak if _is_number(peak) and peak > 0 else DEFAULT_PEAK_LR
 
     seed_style = any(v is not None for v in (t.initial_lr, t.min_lr, t.warmup_steps))
     sched = cfg.get("scheduler")
@@ -362,6 +381,8 @@ def _resolve_optimizer_and_schedule(
         else:
             return
     if sched.get("type") != "WarmupCosineLR":
+        if scheduler_class(sched.get("type")) is None:
+            return  # ds_validate names the unknown type; what else could be said depends on it
         if seed_style:
             problems.append(
                 f"{source}: train.initial_lr/min_lr/warmup_steps map onto WarmupCosineLR, but the JSON's scheduler is "
@@ -376,19 +397,15 @@ def _resolve_optimizer_and_schedule(
     p = sched.setdefault("params", {})
     initial = 0.0 if t.initial_lr is None else t.initial_lr
     min_lr = peak / 10 if t.min_lr is None else t.min_lr
-    default_warmup = max(2, round(0.1 * total_steps))
+    default_warmup = max(MIN_WARMUP_STEPS, round(0.1 * total_steps))
     given_total = p.get("total_num_steps", AUTO)
     if _is_auto(given_total):
         p["total_num_steps"] = total_steps
     elif given_total != total_steps:
         # A schedule of another length decays too early or never reaches min_lr; say so instead of training on it.
-        if t.max_steps is not None:
-            length = f"train.max_steps={t.max_steps}"
-        else:
-            length = f"train.epochs={t.epochs}" if t.epochs is not None else "the default length"
         problems.append(
             f"{source}: scheduler.params.total_num_steps={given_total} disagrees with the run's {total_steps} steps "
-            f'({length}); set it to "auto" or {total_steps}'
+            f'({run_length(run)}); set it to "auto" or {total_steps}'
         )
     p["warmup_num_steps"] = warmup = _pick(
         p.get("warmup_num_steps", AUTO),
@@ -399,7 +416,7 @@ def _resolve_optimizer_and_schedule(
         source,
         problems,
     )
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 2:
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < MIN_WARMUP_STEPS:
         # WarmupCosineLR silently warms up over max(2, n) steps, so 1 would not give the schedule asked for.
         key = "train.warmup_steps" if t.warmup_steps is not None else "scheduler.params.warmup_num_steps"
         problems.append(
@@ -412,7 +429,7 @@ def _resolve_optimizer_and_schedule(
     ):
         if _is_auto(p.get(key)):
             p[key] = ratio
-        elif given is not None and not math.isclose(p[key], ratio, rel_tol=1e-9):
+        elif given is not None and _is_number(p[key]) and not math.isclose(p[key], ratio, rel_tol=1e-9):
             problems.append(
                 f"{source}: scheduler.params.{key}={p[key]} disagrees with {run_key}={given} "
                 f"(ratio {ratio:g} of peak lr {peak:g}); set one of them"
@@ -450,8 +467,7 @@ def _resolve_activation_checkpointing(
 def device_problems(cfg: dict[str, Any], source: str, accelerator: str) -> list[str]:
     """Settings this device or machine cannot run, found before DeepSpeed fails on them less clearly."""
     problems = []
-    fp16 = bool(cfg.get("fp16", {}).get("enabled", False))
-    bf16 = bool(cfg.get("bf16", cfg.get("bfloat16", {})).get("enabled", False))
+    fp16, bf16 = precision_enabled(cfg, "fp16"), precision_enabled(cfg, "bf16")
     if fp16 and bf16:
         problems.append(f"{source}: fp16.enabled and bf16.enabled are both true; enable one of them")
     elif fp16 and accelerator == "cpu":
@@ -462,25 +478,31 @@ def device_problems(cfg: dict[str, Any], source: str, accelerator: str) -> list[
     zero = cfg.get("zero_optimization", {})
     nvme = False
     for section in ("offload_optimizer", "offload_param"):
-        off = zero.get(section) or {}
-        if off.get("device") == "nvme":
+        off = zero.get(section)
+        if isinstance(off, dict) and off.get("device") == "nvme":
             nvme = True
             problems += _nvme_path_problems(
                 off.get("nvme_path"), f"zero_optimization.{section}.nvme_path", source
             )
-    if nvme:
-        from deepspeed.ops.op_builder import AsyncIOBuilder
-
-        if not AsyncIOBuilder().is_compatible(verbose=False):
-            problems.append(
-                f"{source}: NVMe offload needs libaio, which this machine lacks; install it (apt-get install libaio-dev)"
-            )
+    if nvme and not libaio_present():
+        problems.append(
+            f"{source}: NVMe offload needs libaio, which this machine lacks; install it (apt-get install libaio-dev)"
+        )
     return problems
+
+
+def libaio_present() -> bool:
+    """Whether DeepSpeed can build its async I/O op here (it compiles a test program: about 0.2 s)."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    return AsyncIOBuilder().is_compatible(verbose=False)
 
 
 def _nvme_path_problems(path: Any, key: str, source: str) -> list[str]:
     if not path:
         return [f"{source}: {key} is required for NVMe offload; set it to a folder on a fast local disk"]
+    if not isinstance(path, str):
+        return []  # DeepSpeed's offload model reports the type
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path):

@@ -3,11 +3,20 @@
 Each entry is KIND@STEP[:RANK] (no rank: every rank). A fault fires once per run folder, in the process
 whose rank matches, when the run reaches that step: it is written to `<run>/faults_fired` before it
 acts, so the same command started again (which may replay that step after resuming) runs past it.
-  kill          SIGKILL this rank after the step's update.
-  stop          SIGSTOP this rank after the step's update: a hang, for the watchdog to catch.
-  kill_in_save  during the save at that step: truncate one of this rank's files to half, then SIGKILL.
-  nan           this rank's loss at that step becomes NaN (before backward, so its gradients are NaN too).
-  spike         this rank's loss at that step is multiplied by 10 (its gradients too).
+  kill                 SIGKILL this rank after the step's update.
+  stop                 SIGSTOP this rank after the step's update: a hang, for the watchdog to catch.
+  kill_in_save         during the save at that step: truncate one of this rank's files to half, then
+                       SIGKILL (before the barrier that precedes the commit).
+  kill_after_manifest  SIGKILL rank 0 in the save's commit once `manifest.json` is written, before
+                       `.partial-step_N/` is renamed to `step_N/`.
+  kill_after_rename    SIGKILL rank 0 in the commit once `step_N/` is in place, before `latest` is
+                       replaced.
+  kill_in_latest       SIGKILL rank 0 while `latest` is replaced: its temporary file is written,
+                       os.replace has not run.
+  nan                  this rank's loss at that step becomes NaN (before backward, so its gradients are
+                       NaN too).
+  spike                this rank's loss at that step is multiplied by 10 (its gradients too).
+The three commit kills name rank 0 or no rank: rank 0 alone commits a save.
 """
 
 from __future__ import annotations
@@ -20,7 +29,8 @@ from pathlib import Path
 from ds_trainer.errors import DsTrainerError
 
 ENV = "DS_TRAINER_FAULTS"
-KINDS = ("kill", "stop", "kill_in_save", "nan", "spike")
+COMMIT_KILLS = ("kill_after_manifest", "kill_after_rename", "kill_in_latest")  # in this order in a save
+KINDS = ("kill", "stop", "kill_in_save", *COMMIT_KILLS, "nan", "spike")
 LOSS_FACTORS = {"nan": float("nan"), "spike": 10.0}
 
 
@@ -40,6 +50,8 @@ def parse(spec: str) -> list[Fault]:
             raise DsTrainerError(
                 f"{ENV}: cannot read {item!r}; write KIND@STEP[:RANK] with KIND one of {KINDS}"
             )
+        if kind in COMMIT_KILLS and rank and int(rank) != 0:
+            raise DsTrainerError(f"{ENV}: {item!r} would never fire: rank 0 alone commits a save")
         faults.append(Fault(kind, int(step), int(rank) if rank else None))
     return faults
 
@@ -94,3 +106,9 @@ class Faults:
         with open(victim, "r+b") as f:
             f.truncate(size // 2)
         os.kill(os.getpid(), signal.SIGKILL)
+
+    def in_commit(self, kind: str, step: int) -> None:
+        """Called by rank 0 at each point of the commit named in COMMIT_KILLS."""
+        assert kind in COMMIT_KILLS, kind
+        if self.due(kind, step):
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -18,6 +18,7 @@ from ds_trainer.checkpoint import MODEL_FIELDS, Checkpointer, Progress
 from ds_trainer.config import RunConfig
 from ds_trainer.data import GlobalBatchSampler, SampleStream, build_datasets
 from ds_trainer.ds_config import ResolvedDSConfig, launcher_world_size, load_ds_json, resolve, schedule_lr
+from ds_trainer.ds_validate import folder_problems
 from ds_trainer.engine import (
     accelerator_name,
     build_engine,
@@ -103,7 +104,8 @@ def pretrain(run: RunConfig, ds_config_path: str | None) -> int:
     """Train; returns the process exit code (0 finished, REQUEUE_EXIT stopped early with a checkpoint)."""
     # Every check that reads only files and the environment runs before the process group exists,
     # so a bad input stops every rank with the same message instead of leaving peers waiting; the
-    # JSON, the data and their fit are all checked before the problems are reported together.
+    # JSON, the data, their fit and the run's folders are all checked before the problems are
+    # reported together.
     gpt_config = run.gpt_config()
     world = launcher_world_size()
     problems: list[str] = []
@@ -130,6 +132,7 @@ def pretrain(run: RunConfig, ds_config_path: str | None) -> int:
             parse_partition(run.pipeline.partition, gpt_config.n_layer, run.pipeline.stages)
         except DsTrainerError as e:
             problems.append(str(e))
+    problems += folder_problems(run, int(os.environ.get("RANK", "0")))
     if problems:
         raise DsTrainerError("; ".join(problems))
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,16 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get
 # Set before any test imports tiktoken or DeepSpeed, and inherited by every launched rank.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "ds_trainer_torch_extensions"))
+
+# What /tmp held before the suite: tests/test_hygiene.py checks the suite added nothing but pytest's own root.
+TMP_BEFORE = frozenset(os.listdir(tempfile.gettempdir()))
+LAST_TEST = "test_hygiene.py::test_the_session_left_no_process_and_no_temporary_file"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """The hygiene check runs after every other test, whatever order was chosen (e.g. -p random_order)."""
+    items.sort(key=lambda item: item.nodeid.endswith(LAST_TEST))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,6 +54,11 @@ def verdict_path() -> Path:
     if not p.is_file():
         pytest.fail(f"{p} is missing: the tests read the shared corpora from ../shared/data")
     return p
+
+
+def under_ci() -> bool:
+    """CI counts as set for any value but empty, `0` or `false`: then a missing service fails, not skips."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
 
 
 def free_port() -> int:
@@ -79,18 +97,95 @@ def pretrain_command(args: list[str], ranks: int = 1, env: dict | None = None) -
     return cmd, full_env
 
 
+# Every launch a test makes starts its own process session, so that the whole tree (launcher, ranks, the
+# pdsh/ssh clients of a multi-node launch) can be killed at once; `end_launches` kills what is left.
+LAUNCHED: list[subprocess.Popen] = []
+# Marks every launch of this test session, so the last test can find what it left behind.
+SESSION_MARK = "DS_TRAINER_TEST_SESSION"
+
+
+def launch(cmd: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
+    """Popen in a new process session, remembered for `end_launches`."""
+    full_env = {**(env or os.environ), SESSION_MARK: str(os.getpid())}
+    proc = subprocess.Popen(cmd, env=full_env, cwd=kwargs.pop("cwd", REPO), start_new_session=True, **kwargs)
+    LAUNCHED.append(proc)
+    return proc
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the launch's whole process session (it leads its own process group)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+
+
+def run_launch(cmd: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Like subprocess.run(capture_output=True, text=True), in its own session, killed whole on timeout."""
+    proc = launch(cmd, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        kill_session(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_pretrain(
     args: list[str], ranks: int = 1, timeout: float = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     cmd, full_env = pretrain_command(args, ranks, env)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    return run_launch(cmd, full_env, timeout)
 
 
 def start_pretrain(args: list[str], ranks: int = 1, env: dict | None = None, log: Path | None = None):
     """Like run_pretrain, without waiting: a Popen whose output goes to `log`."""
     cmd, full_env = pretrain_command(args, ranks, env)
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (the child owns it)
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=REPO)
+    return launch(cmd, full_env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def leftover_processes(marker: str) -> list:
+    """Live processes of launch/pretrain.py or launch/resilient.py whose command line names `marker`
+    (a run folder, the session's temporary root) or whose environment carries this session's mark:
+    remote ranks on the test hosts are found by the first, local ones by either."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmd = proc.info["cmdline"] or []
+        if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if not any(a.endswith(("pretrain.py", "resilient.py")) for a in cmd):
+            continue
+        try:
+            marked = proc.environ().get(SESSION_MARK) == str(os.getpid())
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            marked = False
+        if marked or any(marker in a for a in cmd):
+            found.append(proc)
+    return found
+
+
+def kill_processes(procs: list) -> None:
+    import psutil
+
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def end_launches(request):
+    """After every test, passed or failed: kill the sessions it launched and any rank of its run folders
+    still alive (remote ranks on the test hosts are not in the local session)."""
+    run_root = str(request.getfixturevalue("tmp_path")) if "tmp_path" in request.fixturenames else None
+    yield
+    while LAUNCHED:
+        kill_session(LAUNCHED.pop())
+    if run_root is not None:
+        kill_processes(leftover_processes(run_root))
 
 
 def rank_processes(run_dir: Path) -> list:
@@ -166,21 +261,38 @@ def tiny_args(run_dir: Path, data: Path | None, steps: int = 20, **extra: object
     return out
 
 
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 @pytest.fixture(scope="session")
-def process_group():
-    """One single-rank process group for in-process engine tests, torn down at the end of the session."""
+def single_rank_group():
+    """One single-rank process group for the session; the variables init_distributed set are handed to
+    `process_group` and taken out of the environment again at once, so other tests never see them."""
     import deepspeed.comm as dist
 
     from ds_trainer.engine import init_distributed
 
-    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
     init_distributed()
-    yield
+    joined = {k: os.environ[k] for k in DIST_ENV}
+    restore_env(saved)
+    yield joined
     import torch.distributed
 
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     dist.cdb = None
+
+
+@pytest.fixture
+def process_group(single_rank_group, monkeypatch):
+    """In-process engine tests: the session's process group, and for this test only the rank variables
+    DeepSpeed's engine reads (LOCAL_RANK at construction)."""
+    for k, v in single_rank_group.items():
+        monkeypatch.setenv(k, v)
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -193,8 +305,8 @@ def requires_libaio() -> None:
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
     if not AsyncIOBuilder().is_compatible(verbose=False):
-        if os.environ.get("CI") == "true":
-            pytest.fail("libaio is missing under CI=true: .ci/run must apt-get install libaio-dev")
+        if under_ci():
+            pytest.fail("libaio is missing under CI: .ci/run must apt-get install libaio-dev")
         pytest.skip("libaio missing: apt-get install libaio-dev")
 
 
@@ -208,8 +320,8 @@ def service(make):
         svc.start()
     except ServiceUnavailable as e:
         svc.stop()
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{e} under CI=true: .ci/run installs these as root", pytrace=False)
+        if under_ci():
+            pytest.fail(f"{e} under CI: .ci/run installs these as root", pytrace=False)
         pytest.skip(str(e))
     except BaseException:
         svc.stop()

@@ -20,6 +20,10 @@ from pathlib import Path
 MARK = "ds_trainer tests"
 BEGIN = f"# >>> {MARK} >>>"
 END = f"# <<< {MARK} <<<"
+# The services' state (configs, pid files, logs) lives here, not in /tmp: the suite leaves nothing in /tmp.
+STATE_ROOT = Path("/run/ds_trainer_tests")
+# Every command a service runs is bounded: a daemon that hangs fails the start instead of the session.
+COMMAND_TIMEOUT = 60
 
 
 class ServiceUnavailable(RuntimeError):
@@ -150,7 +154,7 @@ class SshHosts:
     HOSTS = {"node1": "127.0.0.2", "node2": "127.0.0.3"}
 
     def __init__(self, state_dir: Path | None = None):
-        self.state = Path(state_dir or "/run/ds_trainer_tests/ssh")
+        self.state = Path(state_dir or STATE_ROOT / "ssh")
         self.ssh_dir = Path.home() / ".ssh"
         self.key = self.ssh_dir / "ds_trainer_tests_ed25519"
         self.ports: dict[str, int] = {}
@@ -176,7 +180,7 @@ class SshHosts:
         # sshd's privilege-separation directory; a fresh container has none until the service first runs.
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         if not list(Path("/etc/ssh").glob("ssh_host_*_key")):
-            subprocess.run(["ssh-keygen", "-A"], check=True, capture_output=True)
+            subprocess.run(["ssh-keygen", "-A"], check=True, capture_output=True, timeout=COMMAND_TIMEOUT)
         self._client_key()
         for alias, addr in self.HOSTS.items():
             kill_pidfile(self.pidfile(alias))  # one a killed session left behind
@@ -197,6 +201,7 @@ class SshHosts:
                 ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", MARK, "-f", str(self.key)],
                 check=True,
                 capture_output=True,
+                timeout=COMMAND_TIMEOUT,
             )
             self.created_key = True
         pub = Path(str(self.key) + ".pub").read_text().strip()
@@ -245,7 +250,11 @@ class SshHosts:
         if self.is_up(alias) and alive(read_pid(self.pidfile(alias))):
             return
         log = self.state / f"sshd-{alias}.log"
-        subprocess.run([sbin("sshd"), "-f", str(self._sshd_config(alias)), "-E", str(log)], check=True)
+        subprocess.run(
+            [sbin("sshd"), "-f", str(self._sshd_config(alias)), "-E", str(log)],
+            check=True,
+            timeout=COMMAND_TIMEOUT,
+        )
         try:
             wait_for(lambda: self.ssh_ok(alias), 15, f"ssh {alias}")
         except ServiceUnavailable as e:
@@ -294,7 +303,7 @@ class SshHosts:
             self.ssh_dir.rmdir()
         shutil.rmtree(self.state, ignore_errors=True)
         with contextlib.suppress(OSError):
-            self.state.parent.rmdir()  # only if empty: /run/ds_trainer_tests
+            STATE_ROOT.rmdir()  # only if empty: the SLURM cluster may still use it
         self.started = False
 
 
@@ -335,7 +344,8 @@ class SlurmCluster:
         )  # fmt: skip
         self.started = True
         self._munge()
-        self.dir = Path(tempfile.mkdtemp(prefix="ds_trainer_slurm_"))
+        STATE_ROOT.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="slurm_", dir=STATE_ROOT))
         (self.dir / "state").mkdir()
         (self.dir / "spool").mkdir()
         self.conf.write_text(self._config())
@@ -344,7 +354,9 @@ class SlurmCluster:
         env = {**os.environ, **self.env}
         for daemon in ("slurmctld", "slurmd"):
             # -c: a clean start, ignoring state a killed session may have left (the folder is new anyway).
-            r = subprocess.run([sbin(daemon), "-c"], env=env, capture_output=True, text=True)
+            r = subprocess.run(
+                [sbin(daemon), "-c"], env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT
+            )
             if r.returncode != 0:
                 raise ServiceUnavailable(f"{daemon} did not start: {r.stderr.strip()} {self._logs()}")
         try:
@@ -368,7 +380,12 @@ class SlurmCluster:
             d.mkdir(parents=True, exist_ok=True)
             shutil.chown(d, "munge", "munge")
         # munged refuses to run as root; as its own user it needs no --force.
-        r = subprocess.run(["runuser", "-u", "munge", "--", sbin("munged")], capture_output=True, text=True)
+        r = subprocess.run(
+            ["runuser", "-u", "munge", "--", sbin("munged")],
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+        )
         if r.returncode != 0:
             raise ServiceUnavailable(f"munged did not start: {r.stderr.strip()}")
         self.started_munged = True
@@ -440,12 +457,18 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             capture_output=True,
             text=True,
             env={**os.environ, **self.env},
+            timeout=COMMAND_TIMEOUT,
         )
         return r.stdout.strip()
 
     def scontrol(self, *args: str) -> str:
         r = subprocess.run(
-            ["scontrol", *args], capture_output=True, text=True, check=True, env={**os.environ, **self.env}
+            ["scontrol", *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, **self.env},
+            timeout=COMMAND_TIMEOUT,
         )
         return r.stdout
 
@@ -502,6 +525,8 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             kill_pidfile(self.dir / "slurmd.pid")
             kill_pidfile(self.dir / "slurmctld.pid")
             shutil.rmtree(self.dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                STATE_ROOT.rmdir()  # only if empty: the ssh hosts may still use it
         if self.saved_conf is None:
             os.environ.pop("SLURM_CONF", None)
         else:

@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import all_tensors, assert_bitwise, fp32, losses, ok, read_metrics, run_pretrain, tiny_args
+import torch
+from conftest import (
+    all_tensors,
+    assert_bitwise,
+    fp32,
+    losses,
+    ok,
+    read_metrics,
+    run_pretrain,
+    tiny_args,
+    under_ci,
+)
+from test_trainer import ds_formula_lr
 
+from ds_trainer.atomic_io import temporary_path
 from ds_trainer.checkpoint import (
+    LATEST,
     MANIFEST,
+    PARTIAL,
+    committed,
     compare,
     crc32_of,
     tag_for_step,
@@ -19,6 +37,8 @@ from ds_trainer.checkpoint import (
     verify,
 )
 from ds_trainer.errors import DsTrainerError
+from ds_trainer.faults import LEDGER
+from ds_trainer.model import GPT, GPTConfig
 
 
 def make_checkpoint(folder: Path, files: dict[str, bytes]) -> Path:
@@ -93,6 +113,16 @@ def test_fault_spec_is_checked_and_each_fault_fires_once_per_run(tmp_path):
     assert Faults(faults, 1, tmp_path).due("kill", 6)
     assert not Faults(faults, 1, tmp_path).due("kill", 6)  # a restarted process: already fired
     assert Faults(faults, 0, tmp_path).due("kill", 7) and Faults(faults, 1, tmp_path).due("kill", 7)
+    # The commit's kill points: rank 0 commits, so a fault naming another rank could never fire.
+    assert parse("kill_after_rename@8,kill_in_latest@8:0") == [
+        Fault("kill_after_rename", 8, None),
+        Fault("kill_in_latest", 8, 0),
+    ]
+    with pytest.raises(DsTrainerError, match="rank 0 alone commits"):
+        parse("kill_after_manifest@6:1")
+    commit = Faults(parse("kill_after_manifest@6:0,kill_in_latest@6"), 0, tmp_path / "commit")
+    assert commit.due("kill_after_manifest", 6) and not commit.due("kill_after_manifest", 6)
+    assert not commit.due("kill_in_latest", 8) and commit.due("kill_in_latest", 6)
 
 
 # --- real runs ---------------------------------------------------------------------------------------
@@ -102,49 +132,95 @@ STEPS = 14
 SAVE = 2
 
 
-# (faults, steps whose checkpoint is the newest after each launch). ZeRO-1 gets all three kill points;
-# ZeRO-0, to keep CI short, the two that matter most: inside a save, and a resume at step 10. ZeRO-2
-# runs DeepSpeed's optimizer class of ZeRO-1, and its bitwise resume after a SIGKILL is
-# tests/test_supervisor.py's (kill@3); the commit protocol tested here does not depend on the stage.
+# One chain of launches of the same command per ZeRO stage: each launch dies at the next point (a fault
+# fires once per run folder, ds_trainer/faults.py) and the last one finishes. Per point: the fault, the
+# step the next launch resumes from, and the step `latest` names meanwhile (None: no `latest` yet). The
+# rename of `.partial-step_N/` is the commit: once it is done, resume takes step_N although `latest`
+# still names the step before, because resume scans for the newest verified `step_*` folder and never
+# reads `latest` (which is for export and for people); the resumed run then points `latest` at step_N. Every stage gets the three kill points of the
+# commit; ZeRO-0 also a kill inside the save (a half-written shard), ZeRO-2 one after a step (ZeRO-1 and
+# -2 after a step: tests/test_supervisor.py too). Each chain resumes at step 10 or later once, which
+# checks the CPU Adam replay (beta2**11 by product and by pow differ).
 KILLS = {
-    0: ("kill_in_save@6:1,kill@11:0", (4, 10, STEPS)),
-    1: ("kill@3:1,kill_in_save@6:1,kill@11:0", (2, 4, 10, STEPS)),
+    0: (
+        ("kill_in_save@4:1", 2, 2),
+        ("kill_after_manifest@6:0", 4, 4),
+        ("kill_after_rename@8:0", 8, 6),
+        ("kill_in_latest@10:0", 10, 8),  # resuming from 8 set `latest` to 8, the kill kept it there
+    ),
+    2: (
+        ("kill_in_latest@4:0", 4, 2),
+        ("kill@7:0", 6, 6),
+        ("kill_after_rename@8:0", 8, 6),
+        ("kill_after_manifest@12:0", 10, 10),
+    ),
+    3: (
+        ("kill_after_rename@2:0", 2, None),
+        ("kill_after_manifest@6:0", 4, 4),
+        ("kill_in_latest@10:0", 10, 8),
+    ),
+}
+LATEST_TMP = temporary_path(Path(LATEST)).name  # where `latest` is written before its rename
+
+
+def left_behind(run: Path, step: int) -> set[str]:
+    """What a kill during the save of `step` left in the run folder: where in the save it struck."""
+    tag, partial, tmp = tag_for_step(step), run / (PARTIAL + tag_for_step(step)), run / LATEST_TMP
+    found = {
+        "partial": partial.is_dir(),
+        "partial's manifest": (partial / MANIFEST).is_file(),
+        "committed": (run / tag / MANIFEST).is_file(),
+        "new latest in its temporary file": tmp.is_file() and tmp.read_text() == tag,
+    }
+    return {what for what, there in found.items() if there}
+
+
+LEFT_BEHIND = {
+    "kill": set(),
+    "kill_in_save": {"partial"},
+    "kill_after_manifest": {"partial", "partial's manifest"},
+    "kill_after_rename": {"committed"},
+    "kill_in_latest": {"committed", "new latest in its temporary file"},
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", sorted(KILLS))
-def test_sigkill_at_three_points_then_resume_is_exact(tmp_path, verdict_path, stage):
-    """2 ranks, dropout on, fp32: killed after a step, inside a save (half-written shard) and again,
-    each time restarted with the same command. Every logged loss and every saved tensor equals
-    those of a run that was never interrupted."""
+def test_sigkill_at_each_point_of_a_save_then_resume_is_exact(tmp_path, verdict_path, stage):
+    """2 ranks, dropout on, fp32: SIGKILLed inside a save, at each step of its commit (or after a step),
+    each time restarted with the same command. Every rerun resumes from the newest committed checkpoint,
+    and every logged loss and every saved tensor equals those of a run that was never interrupted."""
     ds = str(fp32(tmp_path / "ds.json", f"zero{stage}"))
     extra = {"checkpoint.save_interval": SAVE, "checkpoint.keep_last": 0, "model.dropout": 0.1}
     full, cut = tmp_path / "full", tmp_path / "cut"
     ok(run_pretrain(["--ds_config", ds, *tiny_args(full, verdict_path, STEPS, **extra)], ranks=2))
     args = ["--ds_config", ds, *tiny_args(cut, verdict_path, STEPS, **extra)]
-    # The same command every time: each fault fires once per run folder (ds_trainer/faults.py).
-    # Resuming at step 10 also checks the CPU Adam replay (beta2**11 by product and by pow differ).
-    faults, newest = KILLS[stage]
-    env = {"DS_TRAINER_FAULTS": faults}
-    resumed_at = []
-    for committed_after in newest:
+    faults = [fault for fault, _, _ in KILLS[stage]]
+    env = {"DS_TRAINER_FAULTS": ",".join(faults)}
+    resumes = None
+    for fault, resume, latest in [*KILLS[stage], (None, None, STEPS)]:
         proc = run_pretrain(args, ranks=2, env=env)
-        if committed_after < STEPS:
-            assert proc.returncode != 0, f"the run went past the fault before step {committed_after}"
-        else:
+        said = [line for line in proc.stdout.splitlines() if "resumed from" in line or "passed over" in line]
+        # Never a committed-looking folder that fails verification: nothing is passed over.
+        expected = [f"resumed from {cut / tag_for_step(resumes)} at step {resumes}"] if resumes else []
+        assert said == expected, proc.stdout[-2000:] + proc.stderr[-2000:]
+        if fault is None:
             ok(proc)
-        resumed_at += [
-            int(line.rsplit(" ", 1)[1]) for line in proc.stdout.splitlines() if "resumed from" in line
-        ]
-        assert (cut / "latest").read_text() == tag_for_step(committed_after)
-    assert resumed_at == list(newest[:-1])
-    assert (cut / ".partial-step_00000006").exists() is False  # swept by the next save
+        else:
+            kind, step = fault.split("@")[0], int(fault.split("@")[1].split(":")[0])
+            assert proc.returncode != 0, f"the run went past {fault}"
+            assert left_behind(cut, step) == LEFT_BEHIND[kind], fault
+            assert committed(cut)[0][0] == resume
+        named = (cut / "latest").read_text() if (cut / "latest").exists() else None
+        assert named == (latest and tag_for_step(latest)), fault
+        resumes = resume
+    assert sorted((cut / LEDGER).read_text().split()) == sorted(faults)  # each fired, once
+    assert not list(cut.glob(PARTIAL + "*")) and not (cut / LATEST_TMP).exists()  # swept, replaced
     want = losses(full)
     replayed = [(m["step"], m["train/loss"]) for m in read_metrics(cut) if "train/loss" in m]
     assert {s for s, _ in replayed} == set(range(1, STEPS + 1))
     assert all(loss == want[s] for s, loss in replayed), [(s, loss, want[s]) for s, loss in replayed]
-    for step in (10, 12, STEPS):
+    for step in range(SAVE, STEPS + 1, SAVE):
         assert_bitwise(all_tensors(cut / tag_for_step(step)), all_tensors(full / tag_for_step(step)))
 
 
@@ -178,30 +254,44 @@ def test_broken_newest_checkpoint_falls_back_and_all_broken_is_an_error(tmp_path
 def test_incompatible_change_is_refused_and_safe_ones_reported(tmp_path, verdict_path):
     ds = str(fp32(tmp_path / "ds.json", "zero0"))
     run = tmp_path / "run"
-    ok(run_pretrain(["--ds_config", ds, *tiny_args(run, verdict_path, 4)], ranks=0))
+    peak, initial, floor, warmup = 1e-3, 1e-4, 2e-4, 2
+    lr = {
+        "train.peak_lr": peak,
+        "train.initial_lr": initial,
+        "train.min_lr": floor,
+        "train.warmup_steps": warmup,
+    }
+    ok(run_pretrain(["--ds_config", ds, *tiny_args(run, verdict_path, 4, **lr)], ranks=0))
     proc = run_pretrain(
-        ["--ds_config", ds, *tiny_args(run, verdict_path, 6, **{"model.n_layer": 3})], ranks=0
+        ["--ds_config", ds, *tiny_args(run, verdict_path, 6, **lr, **{"model.n_layer": 3})], ranks=0
     )
     assert proc.returncode == 2
     assert "model.n_layer 2 → 3 (the weights' shape)" in proc.stderr.strip().splitlines()[-1]
-    proc = run_pretrain(["--ds_config", ds, *tiny_args(run, verdict_path, 6, **{"log.interval": 2})], ranks=0)
+    # Logs steps 5 (the first resumed one) and 6 (the last).
+    proc = run_pretrain(
+        ["--ds_config", ds, *tiny_args(run, verdict_path, 6, **lr, **{"log.interval": 5})], ranks=0
+    )
     ok(proc)
-    assert "changed since the checkpoint (accepted): log.interval 1 → 2" in proc.stdout
+    assert "changed since the checkpoint (accepted): log.interval 1 → 5" in proc.stdout
     assert "changed since the checkpoint (accepted): train.max_steps 4 → 6" in proc.stdout
-    # The stretched cosine applies from the first resumed step, not the saved learning rate.
-    assert "learning rate" in proc.stdout
+    # The stretched cosine applies from the first resumed step on, not the saved learning rate: step s
+    # trains at the value of WarmupCosineLR over the new 6 steps at iteration s - 1.
+    resumed = {s: v for s, v in per_step(run, "train/lr").items() if s > 4}
+    assert sorted(resumed) == [5, 6]
+    want = {s: ds_formula_lr(s - 1, peak, 6, warmup, initial / peak, floor / peak) for s in resumed}
+    assert resumed == pytest.approx(want, rel=1e-9, abs=0)
 
 
 @pytest.mark.slow
 def test_full_disk_fails_clearly_before_writing(tmp_path, verdict_path):
     if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
+        if under_ci():
             pytest.fail("CI runs as root so that this test can mount a small tmpfs")
         pytest.skip("mounting a small tmpfs needs root")
     ds = str(fp32(tmp_path / "ds.json", "zero1"))
     small = tmp_path / "small"
     small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True, timeout=60)
     try:
         run = small / "run"
         args = [
@@ -215,11 +305,45 @@ def test_full_disk_fails_clearly_before_writing(tmp_path, verdict_path):
         assert last.startswith("error: not enough disk space for checkpoint step_00000002 in"), last
         assert not list(run.glob("step_*")) and not list(run.glob(".partial-*"))
     finally:
-        subprocess.run(["umount", str(small)], check=False)
+        subprocess.run(["umount", str(small)], check=False, timeout=60)
 
 
 def per_step(run_dir: Path, key: str) -> dict[int, float]:
     return {m["step"]: m[key] for m in read_metrics(run_dir) if key in m}
+
+
+ADAM_STATE = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+def consolidated(checkpoint: Path, scratch: Path) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict]]:
+    """Each parameter the optimizer holds, with its fp32 weight and Adam moments (flat), and each
+    parameter group's settings but the learning rate (the schedule's), gathered from the partitions of
+    any ZeRO stage (1-3) and number of ranks by DeepSpeed's own converter to its universal format.
+    The tied output head shares the embedding's entry."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = scratch / checkpoint.name  # the converter also writes `latest_universal` beside its output
+    options = {"num_extract_workers": 1, "num_merge_workers": 1, "keep_temp_folder": False}
+    ds_to_universal.main(
+        argparse.Namespace(
+            input_folder=str(checkpoint),
+            output_folder=str(out),
+            strict=True,
+            inject_missing_state=True,
+            **options,
+        )
+    )
+    state = {}
+    for folder in sorted(p for p in (out / "zero").iterdir() if p.is_dir()):
+        if not (folder / "exp_avg.pt").is_file():
+            continue  # ZeRO-1/2 also write the tied head's weight, from the model states, without moments
+        loaded = {k: torch.load(folder / f"{k}.pt", weights_only=False) for k in ADAM_STATE}
+        state[folder.name] = {
+            k: (t["param"] if isinstance(t, dict) else t).reshape(-1) for k, t in loaded.items()
+        }
+    common = torch.load(out / "zero" / "optimizer_state.pt", weights_only=False)
+    groups = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in common["param_groups"]]
+    return state, groups
 
 
 @pytest.mark.slow
@@ -234,27 +358,37 @@ def per_step(run_dir: Path, key: str) -> dict[int, float]:
     ids=["2to1", "1to2", "zero2to3", "zero3to1"],
 )
 def test_resume_on_another_layout_keeps_batch_data_and_schedule(tmp_path, verdict_path, before, after):
-    """Converted through DeepSpeed's universal checkpoint; the global batch (4) is kept by accumulation."""
+    """Converted through DeepSpeed's universal checkpoint; the global batch (4) is kept by accumulation.
+
+    The state the converted load gives the new layout is checked exactly: the first step after the
+    resume has its update withheld (an injected NaN loss; weights and optimizer state stay bit for bit,
+    tests/test_guard.py), and its save must hold the same fp32 weights and Adam moments as the
+    uninterrupted run at the step resumed from. That run withholds the same step, so the losses after
+    it are comparable too."""
     (r0, base0), (r1, base1) = before, after
     ds0, ds1 = fp32(tmp_path / "a.json", base0), fp32(tmp_path / "b.json", base1)
     steps, cut_at = 10, 5
+    withheld = cut_at + 1
 
-    def args(ds, run, ranks):
+    def args(ds, run, ranks, save_interval=cut_at):
         micro = {"train.micro_batch_size": 2, "train.gradient_accumulation_steps": 2 // ranks}
-        extra = {**micro, "checkpoint.save_interval": cut_at}
+        extra = {**micro, "checkpoint.save_interval": save_interval}
         return ["--ds_config", str(ds), *tiny_args(run, verdict_path, steps, **extra)]
 
     full, moved = tmp_path / "full", tmp_path / "moved"
-    ok(run_pretrain(args(ds0, full, r0), ranks=r0 if r0 > 1 else 0))
+    nan = {"DS_TRAINER_FAULTS": f"nan@{withheld}"}
+    ok(run_pretrain(args(ds0, full, r0), ranks=r0 if r0 > 1 else 0, env=nan))
     killed = run_pretrain(
-        args(ds0, moved, r0), ranks=r0 if r0 > 1 else 0, env={"DS_TRAINER_FAULTS": "kill@6"}
+        args(ds0, moved, r0), ranks=r0 if r0 > 1 else 0, env={"DS_TRAINER_FAULTS": f"kill@{withheld}"}
     )
     assert killed.returncode != 0 and (moved / "latest").read_text() == tag_for_step(cut_at)
-    proc = run_pretrain(args(ds1, moved, r1), ranks=r1 if r1 > 1 else 0)
+    # Saves at the withheld step too: the state right after the converted load.
+    proc = run_pretrain(args(ds1, moved, r1, save_interval=withheld), ranks=r1 if r1 > 1 else 0, env=nan)
     ok(proc)
     assert "converting through DeepSpeed's universal checkpoint" in proc.stdout
     assert f"resumed from {moved / tag_for_step(cut_at)} at step {cut_at}" in proc.stdout
     assert "global batch 4 = 2 x" in proc.stdout
+    assert f"incident at step {withheld}: non-finite loss; update withheld" in proc.stdout
     # The same samples in the same order: tokens seen continue, step by step.
     tokens_full, tokens_moved = per_step(full, "train/tokens_seen"), per_step(moved, "train/tokens_seen")
     assert [tokens_moved[s] for s in range(1, steps + 1)] == [tokens_full[s] for s in range(1, steps + 1)]
@@ -262,7 +396,19 @@ def test_resume_on_another_layout_keeps_batch_data_and_schedule(tmp_path, verdic
     assert [lr_moved[s] for s in range(1, steps + 1)] == pytest.approx(
         [lr_full[s] for s in range(1, steps + 1)]
     )
+    # Every parameter's weight and both Adam moments, as loaded, equal the uninterrupted run's, and so
+    # do the parameter groups' settings (no weight decay on biases, LayerNorm weights and embeddings).
+    want, want_groups = consolidated(full / tag_for_step(cut_at), tmp_path / "universal_full")
+    got, got_groups = consolidated(moved / tag_for_step(withheld), tmp_path / "universal_moved")
+    assert got_groups == want_groups
+    with torch.device("meta"):
+        held = dict(GPT(GPTConfig.from_preset("gpt2-tiny")).named_parameters())  # the tied head once
+    assert sorted(want) == sorted(got) == sorted(held)
+    differ = [(n, k) for n in want for k in ADAM_STATE if not torch.equal(got[n][k], want[n][k])]
+    assert not differ, f"{len(differ)} tensors differ after the converted load, e.g. {differ[:4]}"
     a, b = losses(full), losses(moved)
-    assert [b[s] for s in range(cut_at + 1, steps + 1)] == pytest.approx(
-        [a[s] for s in range(cut_at + 1, steps + 1)], rel=0.02
-    )
+    assert math.isnan(a[withheld]) and math.isnan(b[withheld])
+    after = range(withheld + 1, steps + 1)
+    # Not bitwise across layouts: ZeRO-3's own linear layer (DeepSpeed's default there) rounds the bias
+    # addition differently from torch's, a last-bit difference (seen: 9.5e-7 at step 7 of zero2to3).
+    assert [b[s] for s in after] == pytest.approx([a[s] for s in after], rel=0, abs=1e-5)

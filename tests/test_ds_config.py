@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 from pathlib import Path
 
 import pytest
+from conftest import under_ci
 
 from ds_trainer.config import load_run_config
 from ds_trainer.ds_config import DEFAULT_DS_CONFIG, load_ds_json, resolve
@@ -336,12 +336,21 @@ def skip_without_libaio(raw: dict) -> None:
     uses_nvme = any(
         (zero.get(s) or {}).get("device") == "nvme" for s in ("offload_optimizer", "offload_param")
     )
-    if not uses_nvme or os.environ.get("CI") == "true":
+    if not uses_nvme or under_ci():
         return
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
     if not AsyncIOBuilder().is_compatible(verbose=False):
         pytest.skip("libaio missing: apt-get install libaio-dev")
+
+
+def nvme_in(raw: dict, folder: Path) -> dict:
+    """`raw` with its NVMe folders moved to `folder`: the shipped one would be made in /tmp, which the
+    suite leaves as it found it (test_hygiene)."""
+    for section in (raw.get("zero_optimization") or {}).values():
+        if isinstance(section, dict) and "nvme_path" in section:
+            section["nvme_path"] = str(folder)
+    return raw
 
 
 def test_shipped_jsons_exist():
@@ -351,9 +360,11 @@ def test_shipped_jsons_exist():
 
 @pytest.mark.parametrize("accelerator", ["cuda", "cpu"])
 @pytest.mark.parametrize("path", DS_JSONS, ids=lambda p: p.stem)
-def test_shipped_json_resolves(path, accelerator):
+def test_shipped_json_resolves(path, accelerator, tmp_path):
     raw, source = load_ds_json(str(path))
     assert source == str(path)
+    raw = nvme_in(raw, tmp_path / "nvme")
+    given = copy.deepcopy(raw)
     run_cfg = load_run_config(str(REPO / "ds_configs" / "runs" / "tiny.yaml"))
     if accelerator == "cpu" and is_fp16(raw):
         with pytest.raises(
@@ -370,7 +381,7 @@ def test_shipped_json_resolves(path, accelerator):
     assert r.config["scheduler"]["params"]["warmup_num_steps"] == 30
     assert r.zero_stage == int(path.stem[4])
     assert r.fp16 == is_fp16(raw) and r.fp16 != r.bf16
-    assert raw == json.loads(path.read_text())  # resolve works on a copy
+    assert raw == given  # resolve works on a copy
 
 
 # --- batch ramp-up ----------------------------------------------------------------------------------------
@@ -433,3 +444,277 @@ def test_activation_checkpointing_settings():
     ac = {"partition_activations": True, "contiguous_memory_optimization": True, "number_checkpoints": "auto"}
     r = do_resolve(ds(activation_checkpointing=ac), run("--model.preset", "gpt2"))
     assert r.config["activation_checkpointing"]["number_checkpoints"] == 12  # one per block
+
+
+# --- DeepSpeed's own models and our checks (ds_validate) ---------------------------------------------------
+
+
+def with_optimizer(type_: str, zero: dict | None = None, **params) -> dict:
+    return ds(
+        optimizer={"type": type_, "params": {"lr": "auto", **params}}, zero_optimization=zero or {"stage": 0}
+    )
+
+
+def test_zero_stage_out_of_range_is_deepspeeds_own_check():
+    """DeepSpeedZeroConfig's pydantic error, as one of our lines: the dotted key, the value, what it must be."""
+    msg = resolve_error(ds(zero_optimization={"stage": 5}))
+    assert msg == "test.json: zero_optimization.stage=5 must be 0, 1, 2 or 3"
+
+
+def test_deepspeed_model_errors_name_nested_keys_and_typos():
+    zero = {
+        "stage": 3,
+        "reduce_bucket_size": 0,
+        "stage3_prefetch_bucket_sze": 10,
+        "offload_param": {"device": "gpu", "buffer_count": -1, "pin_memroy": True},
+    }
+    msg = resolve_error(ds(zero_optimization=zero), accelerator="cuda")
+    assert "zero_optimization.reduce_bucket_size=0 must be greater than 0" in msg
+    assert (
+        "unknown key 'zero_optimization.stage3_prefetch_bucket_sze'; did you mean 'stage3_prefetch_bucket_size'?"
+        in msg
+    )
+    assert "zero_optimization.offload_param.device=\"gpu\" must be 'none', 'cpu' or 'nvme'" in msg
+    assert "zero_optimization.offload_param.buffer_count=-1 must be greater than or equal to 0" in msg
+    assert "unknown key 'zero_optimization.offload_param.pin_memroy'; did you mean 'pin_memory'?" in msg
+
+
+@pytest.mark.parametrize(
+    "betas", [[0.9], [0.9, 1.0], [-0.1, 0.95], "0.9, 0.95", [0.9, "0.95"], [0.9, 0.95, 0.99]]
+)
+def test_betas_must_be_two_numbers_below_one(betas):
+    msg = resolve_error(with_optimizer("AdamW", betas=betas))
+    assert msg == (
+        f"test.json: optimizer.params.betas={json.dumps(betas)} must be a list of two numbers in [0, 1), "
+        "e.g. [0.9, 0.95]"
+    )
+
+
+def test_optimizer_numbers_are_checked_all_at_once():
+    raw = with_optimizer("AdamW", eps=0, weight_decay=-0.1)
+    raw["optimizer"]["params"]["lr"] = -1
+    msg = resolve_error(raw)
+    assert "optimizer.params.lr=-1 must be a number > 0" in msg
+    assert "optimizer.params.eps=0 must be a number > 0" in msg
+    assert "optimizer.params.weight_decay=-0.1 must be a number >= 0" in msg
+    assert "optimizer.params.momentum=1 must be a number in [0, 1)" in resolve_error(
+        with_optimizer("SGD", momentum=1)
+    )
+
+
+def test_warmup_longer_than_the_run():
+    """WarmupCosineLR would warm up past the end: the run never trains at its peak learning rate."""
+    sched = copy.deepcopy(DEFAULT_DS_CONFIG["scheduler"])
+    sched["params"]["warmup_num_steps"] = 1000
+    msg = resolve_error(ds(scheduler=sched), run("--train.max_steps", "20"))
+    assert msg == (
+        "test.json: scheduler.params.warmup_num_steps=1000 is longer than the run's 20 steps (train.max_steps=20), "
+        'so the learning rate never reaches its peak; set it to at most 20 or "auto" (10% of the run)'
+    )
+    msg = resolve_error(run_cfg=run("--train.max_steps", "20", "--train.warmup_steps", "21"))
+    assert "train.warmup_steps=21 is longer than the run's 20 steps (train.max_steps=20)" in msg
+    assert do_resolve(run_cfg=run("--train.max_steps", "20", "--train.warmup_steps", "20")).total_steps == 20
+    warmup_lr = {"type": "WarmupLR", "params": {"warmup_num_steps": 30, "warmup_max_lr": 0.001}}
+    msg = resolve_error(ds(scheduler=warmup_lr), run("--train.max_steps", "20"))
+    assert "scheduler.params.warmup_num_steps=30 is longer than the run's 20 steps" in msg
+
+
+EQUALITY_TEST_SGD = {
+    "optimizer": {"type": "SGD", "params": {"lr": 0.5, "momentum": 0}},
+    "zero_allow_untested_optimizer": True,
+    "zero_force_ds_cpu_optimizer": False,
+}
+
+
+@pytest.mark.parametrize("path", DS_JSONS, ids=lambda p: p.stem)
+def test_plain_sgd_passes_in_every_shipped_layout(path, tmp_path):
+    """The equality tests train with torch.optim.SGD, which DeepSpeed builds from the JSON in any layout."""
+    raw = nvme_in({**json.loads(path.read_text()), **copy.deepcopy(EQUALITY_TEST_SGD)}, tmp_path / "nvme")
+    skip_without_libaio(raw)
+    r = do_resolve(raw, run("--train.peak_lr", "0.5"), accelerator="cuda" if is_fp16(raw) else "cpu")
+    assert r.config["optimizer"] == EQUALITY_TEST_SGD["optimizer"]
+
+
+def test_an_optimizer_zero_has_not_tested_needs_the_flag():
+    sgd = with_optimizer("SGD", {"stage": 1}, momentum=0)
+    msg = resolve_error(sgd)
+    assert (
+        'optimizer.type="SGD" builds SGD, which DeepSpeed has not tested with ZeRO (zero_optimization.stage=1); '
+        'add "zero_allow_untested_optimizer": true to use it' in msg
+    )
+    do_resolve({**sgd, "zero_allow_untested_optimizer": True})
+    do_resolve(with_optimizer("SGD", {"stage": 0}))  # no ZeRO, no such check in DeepSpeed
+    do_resolve(with_optimizer("AdamW", {"stage": 2}))  # FusedAdam is on ZeRO's tested list
+
+
+def test_optimizer_params_are_the_ones_the_built_class_takes():
+    """DeepSpeed passes params to the class it builds for the layout; a name it does not take is a TypeError there."""
+    offload = {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+    do_resolve(with_optimizer("AdamW", set_grad_none=True))  # FusedAdam takes it
+    msg = resolve_error(with_optimizer("AdamW", offload, set_grad_none=True))
+    assert (
+        "unknown key 'optimizer.params.set_grad_none': DeepSpeed builds DeepSpeedCPUAdam here; it takes"
+        in msg
+    )
+    msg = resolve_error(with_optimizer("AdamW", adamw_mode=True))
+    assert (
+        "unknown key 'optimizer.params.adamw_mode': DeepSpeed builds FusedAdam here; did you mean 'adam_w_mode'?"
+        in msg
+    )
+    do_resolve(
+        with_optimizer("AdamW", offload, adam_w_mode=True, fp32_optimizer_states=True)
+    )  # DeepSpeed pops these
+    do_resolve(with_optimizer("AdamW", torch_adam=True, foreach=False))  # torch.optim.AdamW
+    msg = resolve_error(with_optimizer("SGD", betas=[0.9, 0.95]))
+    assert "unknown key 'optimizer.params.betas': DeepSpeed builds SGD here" in msg
+    do_resolve(with_optimizer("RMSprop", alpha=0.9, centered=True))  # any torch.optim class, its own names
+    msg = resolve_error(with_optimizer("AdamW", max_grad_norm=1.0))
+    assert (
+        'optimizer.params.max_grad_norm is not supported by DeepSpeed; use the top-level "gradient_clipping"'
+        in msg
+    )
+
+
+def test_unknown_optimizer_and_scheduler_types():
+    assert (
+        'optimizer.type="sgd" is neither a DeepSpeed optimizer nor one of torch.optim; did you mean "SGD"?'
+        in (resolve_error(with_optimizer("sgd")))
+    )
+    assert 'did you mean "AdamW"?' in resolve_error(with_optimizer("AdamWW"))
+    do_resolve(with_optimizer("adamw"))  # DeepSpeed's own names in any case
+    msg = resolve_error(ds(scheduler={"type": "WarmupCosineLRR", "params": {}}))
+    assert msg == (
+        'test.json: scheduler.type="WarmupCosineLRR" is neither a DeepSpeed scheduler nor one of '
+        'torch.optim.lr_scheduler; did you mean "WarmupCosineLR"?'
+    )
+    msg = resolve_error(ds(scheduler={"type": "StepLR", "params": {"gamma": 0.5}}))
+    assert "scheduler.params.step_size is required by StepLR; set it" in msg
+    do_resolve(ds(scheduler={"type": "StepLR", "params": {"step_size": 10}}))
+
+
+def test_scheduler_params_are_checked():
+    sched = {
+        "type": "WarmupCosineLR",
+        "params": {"warmup_type": "cubic", "cos_min_ratio": 1.5, "warmup_ratio": 0.1},
+    }
+    msg = resolve_error(ds(scheduler=sched))
+    assert 'scheduler.params.warmup_type="cubic" must be one of "log", "linear"' in msg
+    assert "scheduler.params.cos_min_ratio=1.5 must be a number in [0, 1]" in msg
+    assert "unknown key 'scheduler.params.warmup_ratio': DeepSpeed builds WarmupCosineLR here" in msg
+
+
+def test_top_level_values_and_sections_deepspeed_reads_unchecked():
+    raw = ds(
+        gradient_clipping=-1,
+        steps_per_print=0,
+        wall_clock_breakdown="no",
+        activation_checkpointing={"partitioned_activations": True, "profile": "false"},
+        aio={"block_size": 0},
+    )
+    msg = resolve_error(raw)
+    assert "gradient_clipping=-1 must be a number >= 0" in msg
+    assert "steps_per_print=0 must be an integer >= 1" in msg
+    assert 'wall_clock_breakdown="no" must be true or false' in msg
+    assert (
+        "unknown key 'activation_checkpointing.partitioned_activations'; did you mean 'partition_activations'?"
+        in msg
+    )
+    assert (
+        'activation_checkpointing.profile="false" must be true or false' in msg
+    )  # a string DeepSpeed takes as true
+    assert "aio.block_size=0 must be an integer >= 1" in msg
+
+
+def test_fp16_ranges_deepspeed_leaves_open():
+    fp16 = {"enabled": True, "hysteresis": 0, "initial_scale_power": -1}
+    msg = resolve_error(ds(fp16=fp16), accelerator="cuda")
+    assert "fp16.hysteresis=0 must be a number >= 1" in msg
+    assert "fp16.initial_scale_power=-1 must be a number >= 0" in msg
+    assert do_resolve(ds(fp16={"enabled": True, "initial_scale_power": "auto"}), accelerator="cuda").fp16
+
+
+def test_auto_stays_valid_where_deepspeed_accepts_it():
+    """DeepSpeed's models drop a section's "auto" values (the default applies); the trainer reads them so too."""
+    raw = ds(
+        zero_optimization={"stage": "auto", "reduce_bucket_size": "auto"},
+        fp16={"enabled": "auto"},
+        bf16={"enabled": "false"},
+    )
+    r = do_resolve(raw)  # on the CPU: fp16 "auto" is off, so not refused as fp16
+    assert (r.zero_stage, r.fp16, r.bf16) == (0, False, False)
+    assert do_resolve(ds(bf16={"enabled": "true"})).bf16
+
+
+def test_sections_of_the_wrong_type_are_reported():
+    raw = ds(fp16=True, zero_optimization=2)
+    raw["optimizer"]["params"] = [0.9]
+    msg = resolve_error(raw)
+    assert "fp16 must be a JSON object {...}, got true" in msg
+    assert "zero_optimization must be a JSON object {...}, got 2" in msg
+    assert "optimizer.params must be a JSON object {...}, got [0.9]" in msg
+    msg = resolve_error(ds(zero_optimization={"stage": 2, "offload_optimizer": "cpu"}))
+    assert 'zero_optimization.offload_optimizer="cpu" must be a valid dictionary' in msg
+
+
+def test_a_bad_ratio_beside_seed_style_settings_is_reported():
+    sched = copy.deepcopy(DEFAULT_DS_CONFIG["scheduler"])
+    sched["params"]["warmup_min_ratio"] = "x"
+    msg = resolve_error(ds(scheduler=sched), run("--train.initial_lr", "0.0001"))
+    assert 'scheduler.params.warmup_min_ratio="x" must be a number in [0, 1]' in msg
+
+
+def test_deepspeeds_own_parser_is_the_last_check():
+    """What DeepSpeedConfig refuses and no check above knows, e.g. communication_data_type; only when all else is fine."""
+    msg = resolve_error(ds(communication_data_type="fp8"))
+    assert msg == (
+        "test.json: DeepSpeed refuses this config: Invalid communication_data_type. "
+        "Supported data types: ['fp16', 'bf16', 'fp32']. Got: fp8"
+    )
+    msg = resolve_error(ds(communication_data_type="fp8", zero_optimization={"stage": 5}))
+    assert "DeepSpeed refuses" not in msg and "zero_optimization.stage=5" in msg
+
+
+def test_the_issue_cases_in_one_message():
+    raw = ds(zero_optimization={"stage": 5})
+    raw["optimizer"]["params"]["betas"] = [0.9]
+    raw["scheduler"]["params"]["warmup_num_steps"] = 1000
+    msg = resolve_error(raw, run("--train.max_steps", "20"))
+    assert msg.count("test.json: ") == 3
+    assert "zero_optimization.stage=5" in msg and "optimizer.params.betas=[0.9]" in msg
+    assert "warmup_num_steps=1000 is longer than the run's 20 steps" in msg
+
+
+def test_writable_folder_problem(tmp_path):
+    from ds_trainer.ds_validate import writable_folder_problem
+
+    (tmp_path / "file").write_text("")
+    msg = writable_folder_problem(tmp_path / "file" / "run", "checkpoint.dir")
+    assert (
+        msg
+        == f"checkpoint.dir={tmp_path / 'file' / 'run'} cannot be created: {tmp_path / 'file'} is a file; choose another folder"
+    )
+    msg = writable_folder_problem("/proc/ds_trainer/run", "checkpoint.dir")
+    assert msg.startswith(
+        "checkpoint.dir=/proc/ds_trainer/run cannot be created or written (No such file or directory in /proc)"
+    )
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    assert "is a broken symbolic link" in writable_folder_problem(tmp_path / "link" / "run", "checkpoint.dir")
+    before = sorted(tmp_path.rglob("*"))
+    assert writable_folder_problem(tmp_path / "a" / "b", "checkpoint.dir") is None
+    assert writable_folder_problem(tmp_path, "checkpoint.dir") is None
+    assert sorted(tmp_path.rglob("*")) == before  # nothing created, nothing left behind
+
+
+def test_folder_problems_of_a_run(tmp_path):
+    """checkpoint.dir on every rank; metrics paths set explicitly only on rank 0, the rank that writes them."""
+    from ds_trainer.ds_validate import folder_problems
+
+    (tmp_path / "file").write_text("")
+    blocked = tmp_path / "file" / "x"
+    cfg = run("--checkpoint.dir", str(tmp_path / "run"), "--log.tensorboard_dir", str(blocked))
+    assert folder_problems(cfg, 1) == []
+    (msg,) = folder_problems(cfg, 0)
+    assert msg.startswith(f"log.tensorboard_dir={blocked} cannot be created")
+    cfg = run("--checkpoint.dir", str(blocked), "--log.jsonl", str(blocked / "m.jsonl"))
+    assert [m.split("=")[0] for m in folder_problems(cfg, 0)] == ["checkpoint.dir", "log.jsonl"]
+    assert [m.split("=")[0] for m in folder_problems(cfg, 1)] == ["checkpoint.dir"]

@@ -11,7 +11,7 @@ from ds_trainer.errors import DsTrainerError, report_on_rank
 def test_rank_zero_reports_at_once(capsys):
     start = time.monotonic()
     assert report_on_rank(DsTrainerError("train.max_steps: expected int"), 0, grace_s=5.0) == 2
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 2.5  # far below the 5 s grace, with slack for a loaded machine
     assert capsys.readouterr().err == "error: train.max_steps: expected int\n"
 
 

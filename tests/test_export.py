@@ -20,6 +20,7 @@ def export(run_dir, out) -> None:
         capture_output=True,
         text=True,
         cwd=REPO,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -83,6 +84,7 @@ def test_export_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
             str(tmp_path / "o"),
         ],
         capture_output=True,
+        timeout=300,
         text=True,
         cwd=REPO,
     )

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import re
+from pathlib import Path
+
 import pytest
-from conftest import REPO, run_pretrain, tiny_args, write_ds_config
+from conftest import REPO, requires_libaio, run_pretrain, tiny_args, write_ds_config
 
 
 def assert_one_line_error(proc, *needles: str) -> None:
@@ -120,3 +125,253 @@ def test_bad_partition_is_reported_before_any_rank_starts(args, tmp_path):
     assert_one_line_error(
         proc, "1 ranks cannot be cut into pipeline.stages=2", "pipeline.partition 'blocks:5'"
     )
+
+
+# --- every key of every shipped JSON, in-process through main() --------------------------------------------
+
+LAUNCH = REPO / "launch" / "pretrain.py"
+SHIPPED = sorted((REPO / "ds_configs").glob("*.json"))
+# Keys the systematic test does not feed bad values, each with the reason. Anything else is tested.
+EXEMPT = {
+    "aio.thread_count": "DeepSpeed 0.19.8 does not read it (aio_config.py reads intra_op_parallelism), so no "
+    "value of it can fail; test_exempt_keys_are_ignored_by_deepspeed proves that",
+}
+# Out-of-range values beyond the generic -1, for keys with an upper bound or a bound set by the run.
+MORE_OUT_OF_RANGE = {
+    "zero_optimization.stage": [5],
+    "optimizer.params.betas[0]": [1.0],
+    "optimizer.params.betas[1]": [1.0],
+    "scheduler.params.warmup_num_steps": [1000],  # longer than the 20-step run
+    "scheduler.params.warmup_min_ratio": [1.5],
+    "scheduler.params.cos_min_ratio": [1.5],
+}
+UNWRITABLE = "<a file>/nvme"  # a path below a file; filled in per test
+
+
+class ReachedProcessGroup(Exception):
+    """pretrain() went on to join the process group: validation let the input through."""
+
+
+def load_main():
+    spec = importlib.util.spec_from_file_location("launch_pretrain", LAUNCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture
+def main_in_process(monkeypatch, capsys):
+    """launch/pretrain.py's main(argv) as a user's run executes it, up to init_distributed, which raises
+    ReachedProcessGroup instead; returns (exit code, stdout, stderr)."""
+    import ds_trainer.engine
+    import ds_trainer.pretrain
+
+    def end_process(code):
+        raise SystemExit(code)
+
+    def init_distributed():
+        raise ReachedProcessGroup
+
+    monkeypatch.setattr(ds_trainer.engine, "end_process", end_process)
+    monkeypatch.setattr(ds_trainer.pretrain, "init_distributed", init_distributed)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    main = load_main()
+
+    def call(argv: list[str]) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
+
+
+def json_leaves(node, path=""):
+    """(dotted path, value) of every leaf; a list is a leaf, and so is each of its elements."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from json_leaves(v, f"{path}.{k}" if path else k)
+    elif isinstance(node, list):
+        yield path, node
+        for i, v in enumerate(node):
+            yield from json_leaves(v, f"{path}[{i}]")
+    else:
+        yield path, node
+
+
+def bad_values(path: str, value) -> list[tuple[str, object]]:
+    """(what, value) pairs that must be refused in place of `value`."""
+    if isinstance(value, bool):  # no range: wrong type only
+        return [("wrong type", "maybe")]
+    if isinstance(value, int | float) or value == "auto":  # every "auto" in ds_configs/ stands for a number
+        return [("wrong type", "lots"), ("out of range", -1)] + [
+            ("out of range", v) for v in MORE_OUT_OF_RANGE.get(path, [])
+        ]
+    if isinstance(value, list):  # betas: a string, and one number where two are unpacked
+        return [("wrong type", "0.9, 0.95"), ("out of range", value[:1])]
+    if isinstance(value, str):
+        unknown = UNWRITABLE if path.endswith("nvme_path") else value + "x"
+        return [("wrong type", 5), ("unknown value", unknown)]
+    raise AssertionError(f"{path}: no bad values for {value!r}; teach bad_values this type")
+
+
+def systematic_cases() -> list:
+    cases = []
+    for json_path in SHIPPED:
+        for path, value in json_leaves(json.loads(json_path.read_text())):
+            if re.sub(r"\[\d+\]$", "", path) in EXEMPT:
+                continue
+            for what, bad in bad_values(path, value):
+                cases.append(pytest.param(json_path, path, bad, id=f"{json_path.stem}:{path}:{what}:{bad!r}"))
+    return cases
+
+
+def set_path(cfg: dict, path: str, value) -> None:
+    parts = [int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", path)]
+    node = cfg
+    for p in parts[:-1]:
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def validate_shipped(main_in_process, monkeypatch, capsys, tmp_path, verdict_path, json_path, cfg):
+    """main() on `cfg` (a changed copy of a shipped JSON); fp16 files as on a GPU, so fp16 itself is fine."""
+    import ds_trainer.ds_config
+    import ds_trainer.pretrain
+
+    if "nvme" in json_path.stem:
+        # DeepSpeed's libaio probe compiles a program with its stderr redirected, which needs a real file
+        # descriptor behind sys.stderr, and capsys has none. Probed for real here; the answer is reused.
+        with capsys.disabled():
+            requires_libaio()
+        monkeypatch.setattr(ds_trainer.ds_config, "libaio_present", lambda: True)
+    if json_path.stem.endswith("fp16"):
+        monkeypatch.setattr(ds_trainer.pretrain, "accelerator_name", lambda: "cuda")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    ds = tmp_path / json_path.name
+    text = json.dumps(cfg).replace(UNWRITABLE, str(blocker / "nvme"))
+    # The shipped NVMe folder would be made in /tmp, which the suite leaves as it found it (test_hygiene).
+    ds.write_text(text.replace('"/tmp/ds_trainer_nvme"', json.dumps(str(tmp_path / "nvme"))))
+    return main_in_process(["--ds_config", str(ds), *tiny_args(tmp_path / "run", verdict_path, 20)])
+
+
+@pytest.mark.parametrize("json_path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_json_passes_every_check(
+    main_in_process, monkeypatch, capsys, tmp_path, verdict_path, json_path
+):
+    """The baseline of the systematic test: unchanged, each file reaches the process group."""
+    with pytest.raises(ReachedProcessGroup):
+        validate_shipped(
+            main_in_process,
+            monkeypatch,
+            capsys,
+            tmp_path,
+            verdict_path,
+            json_path,
+            json.loads(json_path.read_text()),
+        )
+
+
+@pytest.mark.parametrize(("json_path", "path", "bad"), systematic_cases())
+def test_every_shipped_json_key_refuses_a_bad_value(
+    main_in_process, monkeypatch, capsys, tmp_path, verdict_path, json_path, path, bad
+):
+    cfg = json.loads(json_path.read_text())
+    set_path(cfg, path, bad)
+    code, out, err = validate_shipped(
+        main_in_process, monkeypatch, capsys, tmp_path, verdict_path, json_path, cfg
+    )
+    assert code == 2, f"exit {code}\n{err[-2000:]}"
+    assert "Traceback" not in out + err, (out + err)[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err[-3000:]
+    assert re.sub(r"\[\d+\]$", "", path) in errors[0], errors[0]
+
+
+def test_systematic_cases_cover_every_shipped_file():
+    """Hundreds of cases, every file contributing, and every exemption still naming a shipped key."""
+    cases = systematic_cases()
+    assert len(cases) > 500
+    assert {c.values[0] for c in cases} == set(SHIPPED)
+    shipped_keys = {
+        re.sub(r"\[\d+\]$", "", p) for f in SHIPPED for p, _ in json_leaves(json.loads(f.read_text()))
+    }
+    assert set(EXEMPT) <= shipped_keys, "an exemption names a key no shipped JSON has any more: remove it"
+
+
+@pytest.mark.parametrize("key", EXEMPT)
+def test_exempt_keys_are_ignored_by_deepspeed(key):
+    """What makes a key exempt: DeepSpeed's parsed settings are the same with any value of it or without it."""
+    from deepspeed.runtime.swap_tensor.aio_config import get_aio_config
+
+    section, name = key.split(".")
+    assert section == "aio", "only aio keys are exempt so far; prove a new kind of exemption here"
+    raw = json.loads((REPO / "ds_configs" / "zero3_offload_nvme.json").read_text())
+    without = {**raw, "aio": {k: v for k, v in raw["aio"].items() if k != name}}
+    for bad in ("lots", -1):
+        assert get_aio_config({**raw, "aio": {**raw["aio"], name: bad}}) == get_aio_config(without)
+
+
+# --- the cases of issue 10 §6, under the real launcher --------------------------------------------------
+
+
+def set_stage(cfg):
+    cfg["zero_optimization"]["stage"] = 5
+
+
+def set_betas(cfg):
+    cfg["optimizer"]["params"]["betas"] = [0.9]
+
+
+def set_warmup(cfg):
+    cfg["scheduler"]["params"]["warmup_num_steps"] = 1000
+
+
+UNCREATABLE = "/proc/ds_trainer/run"  # mkdir there is FileNotFoundError, even as root
+ISSUE_CASES = {
+    "zero_stage_5": (set_stage, None, "zero_optimization.stage=5 must be 0, 1, 2 or 3"),
+    "betas_one_number": (
+        set_betas,
+        None,
+        "optimizer.params.betas=[0.9] must be a list of two numbers in [0, 1)",
+    ),
+    "warmup_longer_than_run": (set_warmup, None, "warmup_num_steps=1000 is longer than the run's 20 steps"),
+    "checkpoint_dir_uncreatable": (None, UNCREATABLE, f"checkpoint.dir={UNCREATABLE} cannot be created"),
+}
+
+
+@pytest.mark.slow  # two ranks per case under the deepspeed launcher: about 30 s each on 2 cores
+@pytest.mark.parametrize("case", ISSUE_CASES)
+def test_issue_cases_stop_before_the_process_group_under_the_launcher(case, tmp_path, verdict_path):
+    """Each used to end in a traceback per rank from inside DeepSpeed or the checkpoint code, exit 1."""
+    change, run_dir, needle = ISSUE_CASES[case]
+    cfg = json.loads((REPO / "ds_configs" / "zero1.json").read_text())
+    cfg["bf16"] = {"enabled": False}
+    if change:
+        change(cfg)
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(cfg))
+    args = tiny_args(Path(run_dir) if run_dir else tmp_path / "run", verdict_path, 20)
+    assert_one_line_error(run_pretrain(["--ds_config", str(ds), *args], ranks=2), needle)
+
+
+def test_json_and_folder_problems_reported_together_in_process(main_in_process, tmp_path, verdict_path):
+    """All four at once, and nothing created on the way: the user fixes them after one run."""
+    cfg = json.loads((REPO / "ds_configs" / "zero1.json").read_text())
+    for change in (set_stage, set_betas, set_warmup):
+        change(cfg)
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(cfg))
+    (tmp_path / "a_file").write_text("")
+    code, out, err = main_in_process(
+        ["--ds_config", str(ds), *tiny_args(tmp_path / "a_file" / "run", verdict_path, 20)]
+    )
+    assert code == 2 and "Traceback" not in out + err
+    (line,) = [x for x in err.splitlines() if x.startswith("error: ")]
+    for needle in [*(n for _, _, n in list(ISSUE_CASES.values())[:3]), f"{tmp_path / 'a_file'} is a file"]:
+        assert needle in line, line

@@ -54,7 +54,7 @@ def test_signal_sets_a_flag_and_a_second_or_the_grace_period_forces_exit(grace, 
     if code == 0:
         assert lines[1:] == [f"still here {int(signal.SIGUSR1)}"]
     else:
-        assert len(lines) == 1 and ended - armed < 5  # well before the 10 s sleep ends
+        assert len(lines) == 1 and ended - armed < 8  # before the 10 s sleep ends, with slack for load
 
 
 @pytest.mark.slow

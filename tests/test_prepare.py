@@ -573,14 +573,14 @@ def test_sigkill_midway_then_rerun_gives_identical_shards(tmp_path):
                 break
             time.sleep(0.05)
         assert committed >= 2 and proc.poll() is None, (
-            proc.communicate()[0] if proc.poll() is not None else ""
+            proc.communicate(timeout=60)[0] if proc.poll() is not None else ""
         )
         os.kill(proc.pid, signal.SIGKILL)  # only the main process: its workers die with it (PR_SET_PDEATHSIG)
         proc.wait(10)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        proc.communicate(timeout=60)
     assert not (out / "train.json").exists() and not (out / "val.json").exists()
     state = json.loads(progress.read_text())
     assert not state["done"] and 0 < state["units_done"] < 15

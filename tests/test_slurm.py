@@ -8,7 +8,7 @@ import time
 from datetime import datetime
 
 import pytest
-from conftest import REPO, fp32, free_port, read_metrics, tiny_args
+from conftest import REPO, fp32, free_port, rank_processes, read_metrics, tiny_args
 
 SBATCH = REPO / "launch" / "slurm" / "pretrain.sbatch"
 CHAIN = REPO / "launch" / "slurm" / "submit_chain.sh"
@@ -115,8 +115,23 @@ def test_preempted_job_requeues_and_resumes(slurm_cluster, tmp_path, verdict_pat
             break
         assert slurm_cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), log.read_text()[-4000:]
         time.sleep(0.5)
-    # What --signal=B:USR1@120 does near the time limit: USR1 to the batch shell alone.
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    # The rank is held (SIGSTOP) until the script has forwarded the signal, so the first attempt cannot
+    # reach its last step before the signal arrives, however slow SLURM is to deliver it.
+    ranks = rank_processes(run_dir)
+    assert len(ranks) == 1, log.read_text()[-4000:]
+    held_at = max(steps_logged(run_dir))
+    for p in ranks:
+        p.suspend()
+    try:
+        # What --signal=B:USR1@120 does near the time limit: USR1 to the batch shell alone.
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True, timeout=60)
+        deadline = time.monotonic() + 120
+        while "SIGUSR1: forwarding to the ranks" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        for p in ranks:
+            p.resume()
+    assert held_at < steps
 
     job = slurm_cluster.wait_job(job_id, timeout=600)
     out = log.read_text()

@@ -20,9 +20,11 @@ from conftest import (
     assert_bitwise,
     fp32,
     free_port,
+    launch,
     losses,
     ok,
     read_metrics,
+    run_launch,
     run_pretrain,
     tiny_args,
 )
@@ -138,7 +140,9 @@ def test_launch_command_excludes_hosts_keeps_multi_node_and_moves_the_master(tmp
         "python -u launch/pretrain.py --local_rank=1 --checkpoint.dir runs/x2",  # another run's rank
         "python -u -m deepspeed.launcher.runner launch/pretrain.py --checkpoint.dir runs/x",  # the launcher
     ]
-    grep = subprocess.run(["grep", "-E", pattern], input="\n".join(lines), capture_output=True, text=True)
+    grep = subprocess.run(
+        ["grep", "-E", pattern], input="\n".join(lines), capture_output=True, text=True, timeout=60
+    )
     assert grep.stdout.splitlines() == lines[:1]  # pkill reads it as grep -E does
 
     with pytest.raises(DsTrainerError, match="cannot combine with --num_nodes/--num_gpus"):
@@ -246,7 +250,7 @@ def resilient(args: list[str], env: dict | None = None, timeout: float = 900) ->
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(k, None)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    return run_launch(cmd, full_env, timeout)
 
 
 def resilient_two_ranks(ds: str, run_dir: Path, steps: int, extra: dict, faults: str, verdict_path: Path):
@@ -398,7 +402,7 @@ def test_sigusr1_to_the_supervisor_reaches_the_ranks_and_is_not_retried(tmp_path
     cmd += ["--master_port", str(free_port()), str(REPO / "launch" / "pretrain.py"), "--ds_config", ds]
     cmd += tiny_args(run, verdict_path, 400)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    sup = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sup = launch(cmd, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         seen = wait_for_step(run, 3)
         sup.send_signal(signal.SIGUSR1)

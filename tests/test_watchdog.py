@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 from conftest import REPO, fp32, rank_processes, start_pretrain, tiny_args, wait_for_step
 
@@ -31,7 +32,7 @@ def test_no_progress_dumps_all_stacks_and_exits_nonzero():
     proc = subprocess.run([sys.executable, "-c", STUCK], capture_output=True, text=True, timeout=60)
     assert proc.returncode == EXIT_HANG
     assert proc.stdout.strip() == "progress ok"  # regular beats kept it alive
-    assert 2.0 < time.monotonic() - started < 15
+    assert 2.0 < time.monotonic() - started < 45  # 1 s timeout + 1.5 s of beats; slack for a loaded machine
     assert "(timeout 1 s); stacks:" in proc.stderr and "watchdog: rank 0 made no progress" in proc.stderr
     assert proc.stderr.count("Thread 0x") >= 2  # the main thread and the helper thread
 
@@ -53,6 +54,8 @@ def test_stopped_rank_takes_the_job_down_within_timeout_plus_30s(tmp_path, verdi
         stopped_at = time.monotonic()
         code = job.wait(timeout=timeout + 90)
         took = time.monotonic() - stopped_at
+        # Before any cleanup of ours: the job itself must have ended every rank, the stopped one too.
+        left = psutil.wait_procs(rank_processes(run), timeout=10)[1]
     finally:
         job.kill()
         for p in rank_processes(run):
@@ -62,4 +65,4 @@ def test_stopped_rank_takes_the_job_down_within_timeout_plus_30s(tmp_path, verdi
     assert took < timeout + 30, took
     assert "(timeout 15 s); stacks:" in log and "Thread 0x" in log, log[-3000:]
     assert "killing stopped peer process" in log
-    assert rank_processes(run) == []
+    assert [p.cmdline() for p in left] == []
