@@ -225,6 +225,8 @@ class SshHosts:
 
     def _sshd_config(self, alias: str) -> Path:
         keys = sorted(str(k) for k in Path("/etc/ssh").glob("ssh_host_*_key"))
+        # Made again here: a host restarted mid-session must not depend on the folder surviving until then.
+        self.state.mkdir(parents=True, exist_ok=True)
         cfg = self.state / f"sshd-{alias}.conf"
         cfg.write_text(
             "\n".join(
