@@ -26,8 +26,6 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get
 # Set before any test imports tiktoken or DeepSpeed, and inherited by every launched rank.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "ds_trainer_torch_extensions"))
-# The engine's first step makes torch create its inductor cache, by default /tmp/torchinductor_<user>.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "ds_trainer_torchinductor"))
 
 # What /tmp held before the suite: tests/test_hygiene.py checks the suite added nothing but pytest's own root.
 TMP_BEFORE = frozenset(os.listdir(tempfile.gettempdir()))
