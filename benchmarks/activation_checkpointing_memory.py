@@ -28,7 +28,8 @@ def child(checkpointing: bool, context: int, micro: int, n_layer: int, vocab: in
 
     from ds_trainer.config import load_run_config
     from ds_trainer.ds_config import load_ds_json, resolve
-    from ds_trainer.engine import build_model, init_distributed
+    from ds_trainer.engine import build_model
+    from ds_trainer.process import init_distributed
 
     init_distributed()
     # The model as a user's run builds it: the shipped JSON resolved against a run config, then

@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -143,13 +142,9 @@ class Run:
         return "\n".join(line for _, line in self.lines[-n:])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(cmd_args: list[str], ranks: int, verbose: bool) -> Run:
+    from ds_trainer.process import free_port  # imports DeepSpeed: only once the environment above is set
+
     script = str(REPO / "launch" / "pretrain.py")
     if ranks == 1:
         cmd = [sys.executable, script, *cmd_args]

@@ -2,7 +2,7 @@
 
     python benchmarks/data_loader_share.py [--data PREPARED_FOLDER_OR_TEXT] [--steps 40]
 
-Times the real Trainer.train_step on gpt2-tiny (fp32, ZeRO-0, one process) and, side by side in the
+Times the real data-parallel step (ds_trainer.step) on gpt2-tiny (fp32, ZeRO-0, one process) and, side by side in the
 same run, the data path alone over the same number of steps, and prints both and their ratio.
 """
 
@@ -20,17 +20,16 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 
 
 def main() -> None:
-    from ds_trainer.checkpoint import Checkpointer, Progress
-    from ds_trainer.config import load_run_config
+    from ds_trainer.collectives import Group
+    from ds_trainer.config import GuardSection, load_run_config
     from ds_trainer.data import GlobalBatchSampler, SampleStream, build_datasets
     from ds_trainer.ds_config import load_ds_json, resolve
-    from ds_trainer.engine import build_engine, init_distributed
-    from ds_trainer.guard import GuardSettings, IncidentLog, LossGuard
-    from ds_trainer.metrics import Metrics
+    from ds_trainer.engine import build_engine
+    from ds_trainer.faults import Faults
+    from ds_trainer.guard import LossGuard
     from ds_trainer.model import GPT
-    from ds_trainer.preemption import StopRequest
-    from ds_trainer.trainer import LoopSettings, Trainer
-    from ds_trainer.watchdog import Watchdog
+    from ds_trainer.process import init_distributed
+    from ds_trainer.step import BatchSource, DataParallelStep
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(SHARED / "data" / "tinyshakespeare.txt"))
@@ -62,27 +61,14 @@ def main() -> None:
     def sampler() -> GlobalBatchSampler:
         return GlobalBatchSampler(SampleStream(train.sizes(), weights, seed=0), ds.micro_batch_size, 0, 1)
 
-    settings = LoopSettings(args.steps, 1, 0, 1, 0, 0, "", 0, 1.0, 0)
-    trainer = Trainer(
-        engine,
-        ds,
-        train,
-        None,
-        sampler(),
-        Progress(),
-        Checkpointer(Path("."), 0, 1, {}, {}),
-        Metrics([], console=False),
-        settings,
-        StopRequest(None, 600.0, 1),
-        Watchdog(1800.0),
-        LossGuard(GuardSettings(2.0, 100, 3, 0.5, 100), 1),
-        IncidentLog(None),
-    )
-    trainer.train_step(ds.train_batch_size, want_grad_norm=False)  # warm-up: allocations, first-call costs
+    guard = LossGuard(GuardSection())
+    step = DataParallelStep(engine, ds, train, Group(1), guard, Faults([], 0, Path(".")))
+    batches = BatchSource(sampler(), ds, run.context_length)
+    step(batches.next(1), grad_norm=False)  # warm-up: allocations, first-call costs
 
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-        trainer.train_step(ds.train_batch_size, want_grad_norm=False)
+    for k in range(args.steps):
+        step(batches.next(k + 2), grad_norm=False)
     step_s = (time.perf_counter() - t0) / args.steps
 
     s = sampler()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,17 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "the-verdict.txt"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def launch(run: Path, ds: Path, steps: int, save: int, faults: str) -> float:
+    from ds_trainer.process import free_port  # here, not at the top: it imports DeepSpeed
+
     pretrain = [
         str(REPO / "launch" / "pretrain.py"),
         "--ds_config", str(ds), "--model.preset", "gpt2-tiny", "--data.path", str(DATA),

@@ -5,7 +5,7 @@
 For each model and ZeRO stage (world size 1, fp32, AdamW, the built-in DeepSpeed config with the stage
 changed), builds the real engine in this process, trains two steps and measures, at the second optimizer
 update (at the optimizer's flatten and step calls), the bytes held by the parameters, the gradients
-(with the update's fp32 copies) and the optimizer states (which buffers count: ds_trainer.plan.MeasuredStates). Prints, side by side: the ZeRO paper's figure, the planner's, DeepSpeed's
+(with the update's fp32 copies) and the optimizer states (which buffers count: MeasuredStates in benchmarks/plan_measure.py). Prints, side by side: the ZeRO paper's figure, the planner's, DeepSpeed's
 estimator (none exists for ZeRO-0; at ZeRO-2 it assumes 16-bit weights, 2 + 18/N bytes per parameter),
 the measured bytes, every live tensor's bytes over the pre-engine baseline, and the ratios. meas/plan
 divides by what the planner says exists at the update (held states + update copies): ZeRO-3's gathered
@@ -28,19 +28,19 @@ MIB = 2**20
 
 
 def main() -> None:
+    from plan_measure import live_tensor_bytes, measure_model_states, release_engine
+
     from ds_trainer.config import load_run_config
     from ds_trainer.ds_config import load_ds_json, resolve
-    from ds_trainer.engine import build_engine, build_model, init_distributed
-    from ds_trainer.plan import (
+    from ds_trainer.engine import build_engine, build_model
+    from ds_trainer.planning import (
         Layout,
         count_parameters,
         deepspeed_estimate,
-        live_tensor_bytes,
-        measure_model_states,
         model_states,
-        release_engine,
         zero_paper_states,
     )
+    from ds_trainer.process import init_distributed
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="gpt2-tiny,gpt2")
@@ -80,11 +80,17 @@ def main() -> None:
             estimate = deepspeed_estimate(counted, layout)
             rows.append((preset, stage, counted.total, paper, planned, estimate, measured, baseline, seconds))
 
-    def mib(n: float) -> str:
-        return f"{n / MIB:10.1f}"
+    _print_table(args.dtype, rows)
 
+
+def _mib(n: float) -> str:
+    return f"{n / MIB:10.1f}"
+
+
+def _print_table(dtype: str, rows: list) -> None:
+    """The measured rows side by side with the ZeRO paper, the planner and DeepSpeed's estimator."""
     print()
-    print(f"{args.dtype}, CPU, world size 1, AdamW; MiB (bytes per parameter in brackets)")
+    print(f"{dtype}, CPU, world size 1, AdamW; MiB (bytes per parameter in brackets)")
     header = (
         f"{'model':<10} {'ZeRO':>4} {'params':>12} | {'paper':>10} {'planner':>10} {'DS est.':>10} | "
         f"{'measured':>10} {'= params':>9} {'+ grads':>9} {'+ optim':>9} {'live Δ':>10} | "
@@ -93,12 +99,12 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for preset, stage, p, paper, planned, estimate, m, baseline, seconds in rows:
-        ds_gpu = mib(estimate.gpu) if estimate else f"{'n/a':>10}"
+        ds_gpu = _mib(estimate.gpu) if estimate else f"{'n/a':>10}"
         ds_ratio = f"{m.total / estimate.gpu:8.3f}" if estimate else f"{'n/a':>8}"
         print(
-            f"{preset:<10} {stage:>4} {p:>12,} | {mib(paper.gpu)} {mib(planned.gpu)} {ds_gpu} | "
-            f"{mib(m.total)} {m.params / MIB:9.1f} {m.grads / MIB:9.1f} {m.optimizer / MIB:9.1f} "
-            f"{mib(m.live - baseline)} | {m.total / (planned.held + planned.update):9.3f} {ds_ratio} {seconds:5.1f}s"
+            f"{preset:<10} {stage:>4} {p:>12,} | {_mib(paper.gpu)} {_mib(planned.gpu)} {ds_gpu} | "
+            f"{_mib(m.total)} {m.params / MIB:9.1f} {m.grads / MIB:9.1f} {m.optimizer / MIB:9.1f} "
+            f"{_mib(m.live - baseline)} | {m.total / (planned.held + planned.update):9.3f} {ds_ratio} {seconds:5.1f}s"
         )
 
         def per(n: float, p: int = p) -> str:

@@ -1,4 +1,4 @@
-"""Throughput of corpus preparation (ds_trainer/data/prepare.py) with 1 and with 2 worker processes.
+"""Throughput of corpus preparation (ds_trainer/data/prepare/) with 1 and with 2 worker processes.
 
 python benchmarks/prepare_throughput.py [--mb 110] [--workers 1,2] [--repeat 1] [--shard_tokens 10000000]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from ds_trainer.errors import DsTrainerError
+from ds_trainer.errors import DsTrainerError, Problems
 from ds_trainer.model import PRESETS, GPTConfig
 
 
@@ -52,6 +52,32 @@ class ModelSection:
     tie_embeddings: bool = True
     """Tie the LM head to the token embedding."""
 
+    def gpt_config(self) -> GPTConfig:
+        sizes = {
+            k: getattr(self, k)
+            for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+            if getattr(self, k) is not None
+        }
+        extra = {"dropout": self.dropout, "qkv_bias": self.qkv_bias, "tie_embeddings": self.tie_embeddings}
+        if self.preset is not None:
+            return GPTConfig.from_preset(self.preset, **sizes, **extra)
+        return GPTConfig(**sizes, **extra)
+
+    def preset_problems(self) -> list[str]:
+        """What keeps the section from naming a model: an unknown preset, or no preset and a size missing."""
+        if self.preset is not None and self.preset not in PRESETS:
+            return [f"model.preset {self.preset!r} is unknown; choose one of {', '.join(PRESETS)} or null"]
+        if self.preset is None:
+            return [
+                f"model.{k} is required when model.preset is null"
+                for k in ("n_layer", "n_head", "n_embd", "block_size")
+                if getattr(self, k) is None
+            ]
+        return []
+
+    def problems(self) -> list[str]:
+        return self.preset_problems() or self.gpt_config().problems()
+
 
 @dataclass
 class DataSection:
@@ -67,6 +93,21 @@ class DataSection:
     val_fraction: float | None = None
     """Share of a text corpus (its last tokens) held out for validation (default 0.1); 0 disables evaluation.
     Prepared folders bring the validation split made at preparation instead, so it is an error there."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.mixture is not None:
+            if self.path:
+                out.append("data.path and data.mixture are both set; list every dataset in data.mixture")
+            if not self.mixture:
+                out.append("data.mixture is empty; give at least one path: weight")
+            for path, weight in self.mixture.items():
+                if weight <= 0:
+                    out.append(f"data.mixture weight of {path!r} must be > 0, got {weight}")
+        out += _below("data", self, ("stride",), 1)
+        if self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
+            out.append(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        return out
 
 
 @dataclass
@@ -107,6 +148,34 @@ class TrainSection:
     """Seconds without progress (a step, an evaluation or a save finishing) after which a rank dumps every
     thread's stack and exits non-zero; longer than the slowest save. 0 disables."""
 
+    def problems(self) -> list[str]:
+        out = self._rampup_problems()
+        if self.max_steps is not None and self.epochs is not None:
+            out.append("train.max_steps and train.epochs are both set; set one")
+        out += _below("train", self, ("max_steps",), 1)
+        if self.time_limit is not None and self.time_limit <= 0:
+            out.append(f"train.time_limit must be > 0 seconds, got {self.time_limit}")
+        if self.epochs is not None and self.epochs <= 0:
+            out.append(f"train.epochs must be > 0, got {self.epochs}")
+        out += _below("train", self, ("micro_batch_size", "gradient_accumulation_steps", "warmup_steps"), 1)
+        out += _below("train", self, ("peak_lr", "initial_lr", "min_lr"), 0)
+        if self.peak_lr is not None and self.peak_lr == 0:
+            out.append("train.peak_lr must be > 0")
+        out += _below("train", self, ("stop_grace", "watchdog_timeout"), 0)
+        return out
+
+    def _rampup_problems(self) -> list[str]:
+        out = []
+        if self.rampup_start_batch is not None:
+            out += _below("train", self, ("rampup_start_batch",), 1)
+            if (self.rampup_samples is None) == (self.rampup_tokens is None):
+                out.append(
+                    "train.rampup_start_batch needs exactly one of train.rampup_samples or train.rampup_tokens"
+                )
+        elif self.rampup_samples is not None or self.rampup_tokens is not None:
+            out.append("train.rampup_samples/rampup_tokens need train.rampup_start_batch")
+        return out + _below("train", self, ("rampup_samples", "rampup_tokens"), 1)
+
 
 @dataclass
 class PipelineSection:
@@ -118,6 +187,9 @@ class PipelineSection:
     or blocks:a,b,... (transformer blocks per stage; the embedding goes with the first, the head with the last)."""
     micro_batches: int | None = None
     """Micro-batches per step in the pipeline schedule; the same number as train.gradient_accumulation_steps."""
+
+    def problems(self) -> list[str]:
+        return _below("pipeline", self, ("stages", "micro_batches"), 1)
 
 
 @dataclass
@@ -134,6 +206,10 @@ class EvalSection:
     """Sampling temperature; 0 is greedy."""
     top_k: int = 50
     """Sample from the k most likely tokens; 0 for all."""
+
+    def problems(self) -> list[str]:
+        out = _below("eval", self, ("interval", "sample_tokens", "top_k"), 0)
+        return out + _below("eval", self, ("iters",), 1)
 
 
 @dataclass
@@ -153,6 +229,14 @@ class CheckpointSection:
     """Resume check of the newest checkpoint: checksum (every file's size and CRC-32, one full read, shared
     by the ranks) or size (presence and sizes only, for checkpoints too large to read at start-up)."""
 
+    def problems(self) -> list[str]:
+        out = _below("checkpoint", self, ("save_interval", "keep_last", "keep_every"), 0)
+        if not self.dir:
+            out.append("checkpoint.dir must not be empty")
+        if self.verify not in ("checksum", "size"):
+            out.append(f"checkpoint.verify must be checksum or size, got {self.verify!r}")
+        return out
+
 
 @dataclass
 class GuardSection:
@@ -169,6 +253,16 @@ class GuardSection:
     lr_steps: int = 100
     """Steps the lowered learning rate lasts after a rollback."""
 
+    def problems(self) -> list[str]:
+        out = _below("guard", self, ("spike_window",), 1)
+        if not 0.0 < self.lr_factor <= 1.0:
+            out.append(f"guard.lr_factor must be in (0, 1], got {self.lr_factor}")
+        return out + _below("guard", self, ("spike_factor", "rollback_after", "lr_steps"), 0)
+
+    def changed(self) -> list[str]:
+        """The keys set to something other than their default, as `guard.<key>`."""
+        return [f"guard.{f.name}" for f in dataclasses.fields(self) if getattr(self, f.name) != f.default]
+
 
 @dataclass
 class LogSection:
@@ -178,6 +272,9 @@ class LogSection:
     """TensorBoard event folder; default <checkpoint.dir>/tb. Empty string disables TensorBoard."""
     jsonl: str | None = None
     """Metrics as JSON lines; default <checkpoint.dir>/metrics.jsonl. Empty string disables it."""
+
+    def problems(self) -> list[str]:
+        return _below("log", self, ("interval",), 1)
 
 
 @dataclass
@@ -192,16 +289,7 @@ class RunConfig:
     log: LogSection = field(default_factory=LogSection)
 
     def gpt_config(self) -> GPTConfig:
-        m = self.model
-        sizes = {
-            k: getattr(m, k)
-            for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
-            if getattr(m, k) is not None
-        }
-        extra = {"dropout": m.dropout, "qkv_bias": m.qkv_bias, "tie_embeddings": m.tie_embeddings}
-        if m.preset is not None:
-            return GPTConfig.from_preset(m.preset, **sizes, **extra)
-        return GPTConfig(**sizes, **extra)
+        return self.model.gpt_config()
 
     def data_sources(self) -> dict[str, float]:
         """Path → weight for every dataset of the run (one, unless data.mixture is set)."""
@@ -209,10 +297,10 @@ class RunConfig:
 
     @property
     def rampup_samples(self) -> int | None:
-        t = self.train
-        if t.rampup_tokens is not None:
-            return -(-t.rampup_tokens // self.context_length)
-        return t.rampup_samples
+        train = self.train
+        if train.rampup_tokens is not None:
+            return -(-train.rampup_tokens // self.context_length)
+        return train.rampup_samples
 
     @property
     def context_length(self) -> int:
@@ -252,7 +340,7 @@ def _field_types(cls: type) -> dict[str, Any]:
 _BAD = object()
 
 
-def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+def _coerce(value: Any, tp: Any, where: str, problems: Problems) -> Any:
     """Check `value` against the annotation `tp`; ints widen to float, nothing else is converted.
 
     A value of the wrong type is reported and returned as _BAD, so the field keeps its default and
@@ -264,7 +352,7 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     if value is None:
         if optional:
             return None
-        problems.append(f"{where}: null is not allowed, expected {getattr(base, '__name__', base)}")
+        problems.add(f"{where}: null is not allowed, expected {getattr(base, '__name__', base)}")
         return _BAD
     if typing.get_origin(base) is dict:  # only dict[str, float] is used: a mapping of names to weights
         ok = isinstance(value, dict) and all(
@@ -272,13 +360,13 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             for k, v in value.items()
         )
         if not ok:
-            problems.append(f"{where}: expected a mapping of path: weight, got {value!r}")
+            problems.add(f"{where}: expected a mapping of path: weight, got {value!r}")
             return _BAD
         return {k: float(v) for k, v in value.items()}
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if base is int and isinstance(value, bool) or not isinstance(value, base):
-        problems.append(f"{where}: expected {base.__name__}, got {type(value).__name__} {value!r}")
+        problems.add(f"{where}: expected {base.__name__}, got {type(value).__name__} {value!r}")
         return _BAD
     return value
 
@@ -327,7 +415,7 @@ def parse_overrides(argv: list[str]) -> tuple[dict[str, dict[str, str]], list[st
 
 def load_run_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, then the YAML file, then command-line overrides; every problem found is raised at once."""
-    problems: list[str] = []
+    problems = Problems()
     raw: dict[str, Any] = {}
     source = "run config"
     if path:
@@ -347,7 +435,7 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None)
             raise ConfigError(f"run config {path} must be a mapping of sections, got {type(raw).__name__}")
 
     cli, cli_problems = parse_overrides(overrides or [])
-    problems += cli_problems
+    problems.extend(cli_problems)
     classes = _section_classes()
     sections: dict[str, Any] = {}
     for name, cls in classes.items():
@@ -355,18 +443,16 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None)
         values: dict[str, Any] = {}
         file_section = raw.get(name) or {}
         if not isinstance(file_section, dict):
-            problems.append(
-                f"{source}: section '{name}' must be a mapping, got {type(file_section).__name__}"
-            )
+            problems.add(f"{source}: section '{name}' must be a mapping, got {type(file_section).__name__}")
             file_section = {}
         for key, value in file_section.items():
             if key not in types_:
-                problems.append(f"{source}: unknown key '{name}.{key}'; known: {', '.join(types_)}")
+                problems.add(f"{source}: unknown key '{name}.{key}'; known: {', '.join(types_)}")
                 continue
             values[key] = _coerce(value, types_[key], f"{source}: {name}.{key}", problems)
         for key, value in cli.get(name, {}).items():
             if key not in types_:
-                problems.append(f"unknown option --{name}.{key}; known in '{name}': {', '.join(types_)}")
+                problems.add(f"unknown option --{name}.{key}; known in '{name}': {', '.join(types_)}")
                 continue
             values[key] = _coerce(
                 _parse_cli_value(value, types_[key]), types_[key], f"--{name}.{key}", problems
@@ -374,124 +460,76 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None)
         sections[name] = cls(**{k: v for k, v in values.items() if v is not _BAD})
     for name in raw:
         if name not in classes:
-            problems.append(f"{source}: unknown section '{name}'; known: {', '.join(classes)}")
+            problems.add(f"{source}: unknown section '{name}'; known: {', '.join(classes)}")
     for name in cli:
         if name not in classes:
-            problems.append(f"unknown option section --{name}.*; known: {', '.join(classes)}")
+            problems.add(f"unknown option section --{name}.*; known: {', '.join(classes)}")
     cfg = RunConfig(**sections)
-    problems += value_problems(cfg)
-    if problems:
-        raise ConfigError("; ".join(problems))
+    problems.extend(value_problems(cfg))
+    problems.raise_if_any(ConfigError)
     return cfg
 
 
 def value_problems(cfg: RunConfig) -> list[str]:
     """Value checks within and across fields; every problem found, as sentences naming the key."""
-    problems: list[str] = []
-    m, d, t, e, c, lg = cfg.model, cfg.data, cfg.train, cfg.eval, cfg.checkpoint, cfg.log
-    if m.preset is not None and m.preset not in PRESETS:
-        problems.append(f"model.preset {m.preset!r} is unknown; choose one of {', '.join(PRESETS)} or null")
-    elif m.preset is None:
-        for k in ("n_layer", "n_head", "n_embd", "block_size"):
-            if getattr(m, k) is None:
-                problems.append(f"model.{k} is required when model.preset is null")
-    if not problems:
-        gpt = cfg.gpt_config()
-        problems += gpt.problems()
-        if d.context_length is not None and not 1 <= d.context_length <= gpt.block_size:
-            problems.append(
-                f"data.context_length {d.context_length} must be in [1, model block_size {gpt.block_size}]"
-            )
-    if d.mixture is not None:
-        if d.path:
-            problems.append("data.path and data.mixture are both set; list every dataset in data.mixture")
-        if not d.mixture:
-            problems.append("data.mixture is empty; give at least one path: weight")
-        for path, w in d.mixture.items():
-            if w <= 0:
-                problems.append(f"data.mixture weight of {path!r} must be > 0, got {w}")
-    if t.rampup_start_batch is not None:
-        if t.rampup_start_batch < 1:
-            problems.append(f"train.rampup_start_batch must be >= 1, got {t.rampup_start_batch}")
-        if (t.rampup_samples is None) == (t.rampup_tokens is None):
-            problems.append(
-                "train.rampup_start_batch needs exactly one of train.rampup_samples or train.rampup_tokens"
-            )
-    elif t.rampup_samples is not None or t.rampup_tokens is not None:
-        problems.append("train.rampup_samples/rampup_tokens need train.rampup_start_batch")
-    for k in ("rampup_samples", "rampup_tokens"):
-        v = getattr(t, k)
-        if v is not None and v < 1:
-            problems.append(f"train.{k} must be >= 1, got {v}")
-    pp = cfg.pipeline
-    if pp.stages < 1:
-        problems.append(f"pipeline.stages must be >= 1, got {pp.stages}")
-    if pp.micro_batches is not None:
-        if pp.micro_batches < 1:
-            problems.append(f"pipeline.micro_batches must be >= 1, got {pp.micro_batches}")
-        elif t.gradient_accumulation_steps not in (None, pp.micro_batches):
-            problems.append(
-                f"pipeline.micro_batches={pp.micro_batches} and train.gradient_accumulation_steps="
-                f"{t.gradient_accumulation_steps} are the same setting; give one"
-            )
-    if pp.stages > 1 and t.rampup_start_batch is not None:
-        problems.append(
+    problems = Problems()
+    problems.extend(cfg.model.problems())
+    problems.extend(cfg.data.problems())
+    problems.extend(cfg.train.problems())
+    problems.extend(cfg.pipeline.problems())
+    problems.extend(cross_section_problems(cfg))
+    problems.extend(cfg.guard.problems())
+    problems.extend(cfg.eval.problems())
+    problems.extend(cfg.checkpoint.problems())
+    problems.extend(cfg.log.problems())
+    return problems.items
+
+
+def cross_section_problems(cfg: RunConfig) -> list[str]:
+    """Checks that read more than one section; those that need the model's shape only once it has one."""
+    out = []
+    data, train, pipeline = cfg.data, cfg.train, cfg.pipeline
+    gpt = None if cfg.model.preset_problems() else cfg.gpt_config()
+    if gpt is not None and data.context_length is not None and not 1 <= data.context_length <= gpt.block_size:
+        out.append(
+            f"data.context_length {data.context_length} must be in [1, model block_size {gpt.block_size}]"
+        )
+    micro_batches = pipeline.micro_batches
+    if (
+        micro_batches is not None
+        and micro_batches >= 1
+        and train.gradient_accumulation_steps not in (None, micro_batches)
+    ):
+        out.append(
+            f"pipeline.micro_batches={micro_batches} and train.gradient_accumulation_steps="
+            f"{train.gradient_accumulation_steps} are the same setting; give one"
+        )
+    if pipeline.stages > 1 and train.rampup_start_batch is not None:
+        out.append(
             # The pipeline engine runs a fixed number of micro-batches per step and steps the schedule per call.
-            f"train.rampup_start_batch={t.rampup_start_batch} with pipeline.stages={cfg.pipeline.stages}: the pipeline "
+            f"train.rampup_start_batch={train.rampup_start_batch} with pipeline.stages={pipeline.stages}: the pipeline "
             "engine trains a fixed batch; remove train.rampup_start_batch or set pipeline.stages to 1"
         )
-    if pp.stages > 1 and not problems and pp.stages > cfg.gpt_config().n_layer:
-        n_layer = cfg.gpt_config().n_layer
-        problems.append(
-            f"pipeline.stages={pp.stages} exceeds model.n_layer={n_layer}; use at most {n_layer} stages (one block each)"
+    if pipeline.stages > 1 and cfg.guard.changed():
+        out.append(
+            # The pipeline engine runs forward, backward and the update in one call: no verdict fits between.
+            f"{', '.join(cfg.guard.changed())} set with pipeline.stages={pipeline.stages}: the pipeline engine updates "
+            "inside one call, so the loss guard cannot withhold an update; remove the guard settings or set "
+            "pipeline.stages to 1"
         )
-    if d.stride is not None and d.stride < 1:
-        problems.append(f"data.stride must be >= 1, got {d.stride}")
-    if d.val_fraction is not None and not 0.0 <= d.val_fraction < 1.0:
-        problems.append(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
-    if t.max_steps is not None and t.epochs is not None:
-        problems.append("train.max_steps and train.epochs are both set; set one")
-    if t.max_steps is not None and t.max_steps < 1:
-        problems.append(f"train.max_steps must be >= 1, got {t.max_steps}")
-    if cfg.guard.spike_window < 1:
-        problems.append(f"guard.spike_window must be >= 1, got {cfg.guard.spike_window}")
-    if not 0.0 < cfg.guard.lr_factor <= 1.0:
-        problems.append(f"guard.lr_factor must be in (0, 1], got {cfg.guard.lr_factor}")
-    if t.time_limit is not None and t.time_limit <= 0:
-        problems.append(f"train.time_limit must be > 0 seconds, got {t.time_limit}")
-    if t.epochs is not None and t.epochs <= 0:
-        problems.append(f"train.epochs must be > 0, got {t.epochs}")
-    for k in ("micro_batch_size", "gradient_accumulation_steps", "warmup_steps"):
-        v = getattr(t, k)
-        if v is not None and v < 1:
-            problems.append(f"train.{k} must be >= 1, got {v}")
-    for k in ("peak_lr", "initial_lr", "min_lr"):
-        v = getattr(t, k)
-        if v is not None and v < 0:
-            problems.append(f"train.{k} must be >= 0, got {v}")
-    if t.peak_lr is not None and t.peak_lr == 0:
-        problems.append("train.peak_lr must be > 0")
-    for k, v in (
-        ("eval.interval", e.interval),
-        ("eval.sample_tokens", e.sample_tokens),
-        ("eval.top_k", e.top_k),
-        ("checkpoint.save_interval", c.save_interval),
-        ("checkpoint.keep_last", c.keep_last),
-        ("checkpoint.keep_every", c.keep_every),
-        ("train.stop_grace", t.stop_grace),
-        ("guard.spike_factor", cfg.guard.spike_factor),
-        ("guard.rollback_after", cfg.guard.rollback_after),
-        ("guard.lr_steps", cfg.guard.lr_steps),
-        ("train.watchdog_timeout", t.watchdog_timeout),
-    ):
-        if v < 0:
-            problems.append(f"{k} must be >= 0, got {v}")
-    if e.iters < 1:
-        problems.append(f"eval.iters must be >= 1, got {e.iters}")
-    if lg.interval < 1:
-        problems.append(f"log.interval must be >= 1, got {lg.interval}")
-    if not c.dir:
-        problems.append("checkpoint.dir must not be empty")
-    if c.verify not in ("checksum", "size"):
-        problems.append(f"checkpoint.verify must be checksum or size, got {c.verify!r}")
-    return problems
+    if pipeline.stages > 1 and gpt is not None and not gpt.problems() and pipeline.stages > gpt.n_layer:
+        out.append(
+            f"pipeline.stages={pipeline.stages} exceeds model.n_layer={gpt.n_layer}; use at most {gpt.n_layer} "
+            "stages (one block each)"
+        )
+    return out
+
+
+def _below(section: str, values: object, keys: tuple[str, ...], floor: int) -> list[str]:
+    """`<section>.<key> must be >= floor` for each of `keys` set (not None) to less than `floor`."""
+    out = []
+    for key in keys:
+        value = getattr(values, key)
+        if value is not None and value < floor:
+            out.append(f"{section}.{key} must be >= {floor}, got {value}")
+    return out

@@ -7,6 +7,7 @@ where derived values are computed: batch sizes, the learning rate, the schedule'
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import math
@@ -18,8 +19,8 @@ from typing import Any
 
 from ds_trainer.config import RunConfig
 from ds_trainer.data.sampler import BatchRampup
+from ds_trainer.ds_rules import AUTO
 from ds_trainer.ds_validate import (
-    AUTO,
     MIN_WARMUP_STEPS,
     deepspeed_refusal,
     json_problems,
@@ -29,7 +30,7 @@ from ds_trainer.ds_validate import (
     shape_problems,
     zero_stage,
 )
-from ds_trainer.errors import DsTrainerError
+from ds_trainer.errors import DsTrainerError, Problems
 
 DEFAULT_MICRO_BATCH = 4
 DEFAULT_PEAK_LR = 6e-4
@@ -167,6 +168,15 @@ class ResolvedDSConfig:
     def bf16(self) -> bool:
         return precision_enabled(self.config, "bf16")
 
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+    def loading_universal(self) -> ResolvedDSConfig:
+        """This config set to load DeepSpeed's universal checkpoint format (resume on a new layout)."""
+        checkpoint = {**self.config.get("checkpoint", {}), "load_universal": True}
+        return dataclasses.replace(self, config={**self.config, "checkpoint": checkpoint})
+
 
 def load_ds_json(path: str | None) -> tuple[dict[str, Any], str]:
     """The JSON as a dict and a name for messages; the built-in default when `path` is None."""
@@ -191,13 +201,13 @@ def _is_auto(v: Any) -> bool:
 
 
 def _pick(
-    json_value: Any, run_value: Any, default: Any, json_key: str, run_key: str, src: str, problems: list[str]
+    json_value: Any, run_value: Any, default: Any, json_key: str, run_key: str, src: str, problems: Problems
 ) -> Any:
     """JSON number, else run-config value, else default; a JSON number that the run config contradicts is a problem."""
     if _is_auto(json_value):
         return default if run_value is None else run_value
     if run_value is not None and json_value != run_value:
-        problems.append(
+        problems.add(
             f"{src}: {json_key}={json_value} disagrees with {run_key}={run_value}; "
             f'set one of them, or "auto" in the JSON'
         )
@@ -230,77 +240,61 @@ def resolve(
     accumulation steps are chosen to keep it.
     """
     cfg = copy.deepcopy(raw)
-    problems = shape_problems(cfg, source)
-    t = run.train
+    problems = Problems()
+    problems.extend(shape_problems(cfg, source))
     stages = run.pipeline.stages
     if world_size % stages:
-        problems.append(
+        problems.add(
             f"{world_size} ranks cannot be cut into pipeline.stages={stages}; use a number of ranks divisible by it"
         )
     dp = max(1, world_size // stages)
+    problems.extend(_unknown_key_problems(cfg, source))
+    micro, gas = _resolve_batch(cfg, source, run, dp, global_batch, problems)
+    total_steps = _total_steps(run, num_train_samples, micro, gas, dp, problems)
+    _resolve_optimizer_and_schedule(cfg, source, run, total_steps, problems)
+    problems.extend(device_problems(cfg, source, accelerator))
+    _resolve_activation_checkpointing(cfg, source, run, problems)
+    stage = zero_stage(cfg)
+    if stages > 1 and stage > 1:
+        problems.add(
+            f"{source}: zero_optimization.stage={stage} with pipeline.stages={stages}; DeepSpeed's pipeline engine "
+            "supports ZeRO 0 and 1 (e.g. ds_configs/zero1.json)"
+        )
+    optimizer_steps = _rampup_optimizer_steps(run, micro, gas, dp, total_steps, problems)
+    problems.extend(json_problems(cfg, source, run, total_steps))
+    if not problems:  # DeepSpeed's own parser last: what it refuses that the checks above do not know
+        problems.extend(deepspeed_refusal(cfg, source))
+    problems.raise_if_any()
+    start = run.train.rampup_start_batch
+    return ResolvedDSConfig(
+        cfg, source, micro, gas, dp, optimizer_steps, total_steps, start, run.rampup_samples or 0, stages
+    )
 
+
+def _unknown_key_problems(cfg: dict[str, Any], source: str) -> list[str]:
+    """Top-level keys DeepSpeed does not read, with the known key a typo most likely meant."""
+    problems = []
     for key in cfg:
         if key not in KNOWN_TOP_LEVEL_KEYS:
             close = difflib.get_close_matches(key, KNOWN_TOP_LEVEL_KEYS, n=1, cutoff=0.8)
             hint = f"did you mean '{close[0]}'?" if close else "DeepSpeed does not read it; remove it"
             problems.append(f"{source}: unknown key '{key}'; {hint}")
+    return problems
 
-    # Batch sizes: micro × accumulation × data-parallel ranks = global batch.
-    micro = _pick(
-        cfg.get("train_micro_batch_size_per_gpu"),
-        t.micro_batch_size,
-        None,
-        "train_micro_batch_size_per_gpu",
-        "train.micro_batch_size",
-        source,
-        problems,
-    )
-    gas = _pick(
-        cfg.get("gradient_accumulation_steps"),
-        t.gradient_accumulation_steps or run.pipeline.micro_batches,
-        None,
-        "gradient_accumulation_steps",
-        "train.gradient_accumulation_steps" if t.gradient_accumulation_steps else "pipeline.micro_batches",
-        source,
-        problems,
-    )
-    tbs = cfg.get("train_batch_size")
-    # A bad number is reported and then treated as "auto", so the checks after it still run.
-    if micro is not None and (p := _int_problem(micro, "train_micro_batch_size_per_gpu", source)):
-        problems.append(p)
-        micro = None
-    if gas is not None and (p := _int_problem(gas, "gradient_accumulation_steps", source)):
-        problems.append(p)
-        gas = None
-    if not _is_auto(tbs) and (p := _int_problem(tbs, "train_batch_size", source)):
-        problems.append(p)
-        tbs = AUTO
+
+def _resolve_batch(
+    cfg: dict[str, Any], source: str, run: RunConfig, dp: int, global_batch: int | None, problems: Problems
+) -> tuple[int, int]:
+    """Micro batch and accumulation steps, written into the JSON: micro × accumulation × data-parallel
+    ranks = global batch (`global_batch`, a checkpoint's, kept when it can be)."""
+    micro, gas, tbs = _batch_settings(cfg, source, run, problems)
     if not _is_auto(tbs):
-        # A fixed global batch lets DeepSpeed derive the missing factor; do the same, visibly.
-        if micro is None and gas is None:
-            micro = DEFAULT_MICRO_BATCH if tbs % (DEFAULT_MICRO_BATCH * dp) == 0 else 1
-        given = None
-        if gas is None:
-            given, unit = f"micro batch {micro}", micro * dp
-            gas = tbs // unit if tbs % unit == 0 else 0
-        elif micro is None:
-            given, unit = f"accumulation {gas}", gas * dp
-            micro = tbs // unit if tbs % unit == 0 else 0
-        if given is not None and micro * gas == 0:
-            problems.append(
-                f"{source}: train_batch_size={tbs} is not a multiple of {given} × {dp} data-parallel ranks = {unit}; "
-                f'make it one (e.g. {max(unit, tbs // unit * unit)}) or set it to "auto"'
-            )
-        elif micro * gas * dp != tbs:
-            problems.append(
-                f"{source}: train_batch_size={tbs} is not micro batch {micro} × accumulation {gas} × "
-                f'{dp} data-parallel ranks; make train_batch_size a multiple of {dp} ranks or set it to "auto"'
-            )
+        micro, gas = _factors_of_train_batch(tbs, micro, gas, dp, source, problems)
     micro = micro or DEFAULT_MICRO_BATCH
     gas = gas or 1
     if global_batch is not None and micro * gas * dp != global_batch:
         if global_batch % (micro * dp):
-            problems.append(
+            problems.add(
                 f"the checkpoint's global batch {global_batch} cannot be kept with micro batch {micro} on {dp} "
                 f"data-parallel ranks; set train.micro_batch_size to a divisor of {global_batch // dp or 1}"
             )
@@ -309,71 +303,120 @@ def resolve(
     cfg["train_micro_batch_size_per_gpu"] = micro
     cfg["gradient_accumulation_steps"] = gas
     cfg["train_batch_size"] = micro * gas * dp
+    return micro, gas
 
-    # Steps: max_steps, or epochs over the training windows.
+
+def _batch_settings(
+    cfg: dict[str, Any], source: str, run: RunConfig, problems: Problems
+) -> tuple[Any, Any, Any]:
+    """Micro batch, accumulation steps (None: not given) and train_batch_size ("auto": not given), from the
+    JSON and the run config."""
+    train = run.train
+    gas_key = (
+        "train.gradient_accumulation_steps" if train.gradient_accumulation_steps else "pipeline.micro_batches"
+    )
+    micro = _pick(
+        cfg.get("train_micro_batch_size_per_gpu"),
+        train.micro_batch_size,
+        None,
+        "train_micro_batch_size_per_gpu",
+        "train.micro_batch_size",
+        source,
+        problems,
+    )
+    gas = _pick(
+        cfg.get("gradient_accumulation_steps"),
+        train.gradient_accumulation_steps or run.pipeline.micro_batches,
+        None,
+        "gradient_accumulation_steps",
+        gas_key,
+        source,
+        problems,
+    )
+    tbs = cfg.get("train_batch_size")
+    # A bad number is reported and then treated as "auto", so the checks after it still run.
+    if micro is not None and (p := _int_problem(micro, "train_micro_batch_size_per_gpu", source)):
+        problems.add(p)
+        micro = None
+    if gas is not None and (p := _int_problem(gas, "gradient_accumulation_steps", source)):
+        problems.add(p)
+        gas = None
+    if not _is_auto(tbs) and (p := _int_problem(tbs, "train_batch_size", source)):
+        problems.add(p)
+        tbs = AUTO
+    return micro, gas, tbs
+
+
+def _factors_of_train_batch(
+    tbs: int, micro: int | None, gas: int | None, dp: int, source: str, problems: Problems
+) -> tuple[int, int]:
+    """Micro batch and accumulation steps for a fixed global batch: DeepSpeed derives the missing factor;
+    do the same, visibly. A factor that does not divide comes back as 0."""
+    if micro is None and gas is None:
+        micro = DEFAULT_MICRO_BATCH if tbs % (DEFAULT_MICRO_BATCH * dp) == 0 else 1
+    given = None
+    if gas is None:
+        given, unit = f"micro batch {micro}", micro * dp
+        gas = tbs // unit if tbs % unit == 0 else 0
+    elif micro is None:
+        given, unit = f"accumulation {gas}", gas * dp
+        micro = tbs // unit if tbs % unit == 0 else 0
+    if given is not None and micro * gas == 0:
+        problems.add(
+            f"{source}: train_batch_size={tbs} is not a multiple of {given} × {dp} data-parallel ranks = {unit}; "
+            f'make it one (e.g. {max(unit, tbs // unit * unit)}) or set it to "auto"'
+        )
+    elif micro * gas * dp != tbs:
+        problems.add(
+            f"{source}: train_batch_size={tbs} is not micro batch {micro} × accumulation {gas} × "
+            f'{dp} data-parallel ranks; make train_batch_size a multiple of {dp} ranks or set it to "auto"'
+        )
+    return micro, gas
+
+
+def _total_steps(
+    run: RunConfig, num_train_samples: int | None, micro: int, gas: int, dp: int, problems: Problems
+) -> int:
+    """Steps of the full global batch: train.max_steps, or train.epochs over the training windows."""
     global_batch = micro * gas * dp
     steps_per_epoch = 1 if num_train_samples is None else num_train_samples // global_batch
     if steps_per_epoch < 1:
-        problems.append(
+        problems.add(
             f"the training split has {num_train_samples} windows, fewer than one global batch of {global_batch} "
             f"(micro {micro} × accumulation {gas} × {dp} ranks); add text, lower data.context_length or the batch sizes"
         )
-    if t.max_steps is not None:
-        total_steps = t.max_steps
-    elif t.epochs is not None:
-        total_steps = max(1, math.ceil(t.epochs * max(steps_per_epoch, 1)))
-    else:
-        total_steps = DEFAULT_STEPS
+    train = run.train
+    if train.max_steps is not None:
+        return train.max_steps
+    if train.epochs is not None:
+        return max(1, math.ceil(train.epochs * max(steps_per_epoch, 1)))
+    return DEFAULT_STEPS
 
-    _resolve_optimizer_and_schedule(cfg, source, run, total_steps, problems)
-    problems += device_problems(cfg, source, accelerator)
-    _resolve_activation_checkpointing(cfg, source, run, problems)
-    stage = zero_stage(cfg)
-    if stages > 1 and stage > 1:
-        problems.append(
-            f"{source}: zero_optimization.stage={stage} with pipeline.stages={stages}; DeepSpeed's pipeline engine "
-            "supports ZeRO 0 and 1 (e.g. ds_configs/zero1.json)"
+
+def _rampup_optimizer_steps(
+    run: RunConfig, micro: int, gas: int, dp: int, total_steps: int, problems: Problems
+) -> int:
+    """Optimizer steps the run takes: `total_steps`, or more while a ramp-up trains smaller batches."""
+    start = run.train.rampup_start_batch
+    if start is None:
+        return total_steps
+    global_batch = micro * gas * dp
+    if start % (micro * dp) or start >= global_batch:
+        problems.add(
+            f"train.rampup_start_batch={start} must be a multiple of micro batch {micro} × {dp} ranks and below "
+            f"the global batch {global_batch}"
         )
-    start = t.rampup_start_batch
-    optimizer_steps = total_steps
-    if start is not None:
-        if start % (micro * dp) or start >= global_batch:
-            problems.append(
-                f"train.rampup_start_batch={start} must be a multiple of micro batch {micro} × {dp} ranks and below "
-                f"the global batch {global_batch}"
-            )
-        else:
-            ramp = BatchRampup(global_batch, micro * dp, start, run.rampup_samples or 0)
-            optimizer_steps = ramp.steps_for(total_steps * global_batch)
-    problems += json_problems(cfg, source, run, total_steps)
-    if not problems:  # DeepSpeed's own parser last: what it refuses that the checks above do not know
-        problems = deepspeed_refusal(cfg, source)
-    if problems:
-        raise DsTrainerError("; ".join(problems))
-    return ResolvedDSConfig(
-        cfg, source, micro, gas, dp, optimizer_steps, total_steps, start, run.rampup_samples or 0, stages
-    )
+        return total_steps
+    ramp = BatchRampup(global_batch, micro * dp, start, run.rampup_samples or 0)
+    return ramp.steps_for(total_steps * global_batch)
 
 
 def _resolve_optimizer_and_schedule(
-    cfg: dict[str, Any], source: str, run: RunConfig, total_steps: int, problems: list[str]
+    cfg: dict[str, Any], source: str, run: RunConfig, total_steps: int, problems: Problems
 ) -> None:
-    t = run.train
-    opt = cfg.get("optimizer")
-    peak = t.peak_lr
-    if opt is not None:
-        params = opt.setdefault("params", {})
-        lr = params.get("lr", AUTO)
-        peak = _pick(lr, t.peak_lr, DEFAULT_PEAK_LR, "optimizer.params.lr", "train.peak_lr", source, problems)
-        params["lr"] = peak
-    elif peak is not None:
-        problems.append(
-            f"{source}: train.peak_lr is set but the JSON has no optimizer section to apply it to"
-        )
-    # A bad lr stays in the JSON for ds_validate to report; the schedule's ratios use the default meanwhile.
-    peak = peak if _is_number(peak) and peak > 0 else DEFAULT_PEAK_LR
-
-    seed_style = any(v is not None for v in (t.initial_lr, t.min_lr, t.warmup_steps))
+    train = run.train
+    peak = _resolve_lr(cfg, source, run, problems)
+    seed_style = any(v is not None for v in (train.initial_lr, train.min_lr, train.warmup_steps))
     sched = cfg.get("scheduler")
     if sched is None:
         if seed_style:
@@ -384,32 +427,64 @@ def _resolve_optimizer_and_schedule(
         if scheduler_class(sched.get("type")) is None:
             return  # ds_validate names the unknown type; what else could be said depends on it
         if seed_style:
-            problems.append(
+            problems.add(
                 f"{source}: train.initial_lr/min_lr/warmup_steps map onto WarmupCosineLR, but the JSON's scheduler is "
                 f"{sched.get('type')!r}; remove those keys or use WarmupCosineLR"
             )
         for key, value in sched.get("params", {}).items():
             if value == AUTO:
-                problems.append(
+                problems.add(
                     f'{source}: scheduler.params.{key} is "auto", which is filled only for WarmupCosineLR'
                 )
         return
-    p = sched.setdefault("params", {})
-    initial = 0.0 if t.initial_lr is None else t.initial_lr
-    min_lr = peak / 10 if t.min_lr is None else t.min_lr
+    params = sched.setdefault("params", {})
+    _resolve_warmup_cosine(params, source, run, peak, total_steps, problems)
+    if seed_style and params.get("warmup_type", "linear") != "linear":
+        problems.add(
+            f"{source}: scheduler.params.warmup_type={params['warmup_type']!r}, but train.initial_lr/min_lr/warmup_steps "
+            'describe a linear warm-up; set warmup_type to "linear"'
+        )
+    params.setdefault("warmup_type", "linear")
+
+
+def _resolve_lr(cfg: dict[str, Any], source: str, run: RunConfig, problems: Problems) -> float:
+    """Fill the optimizer's lr; returns the peak learning rate the schedule's ratios are taken of."""
+    train = run.train
+    opt = cfg.get("optimizer")
+    peak = train.peak_lr
+    if opt is not None:
+        params = opt.setdefault("params", {})
+        lr = params.get("lr", AUTO)
+        peak = _pick(
+            lr, train.peak_lr, DEFAULT_PEAK_LR, "optimizer.params.lr", "train.peak_lr", source, problems
+        )
+        params["lr"] = peak
+    elif peak is not None:
+        problems.add(f"{source}: train.peak_lr is set but the JSON has no optimizer section to apply it to")
+    # A bad lr stays in the JSON for ds_validate to report; the schedule's ratios use the default meanwhile.
+    return peak if _is_number(peak) and peak > 0 else DEFAULT_PEAK_LR
+
+
+def _resolve_warmup_cosine(
+    p: dict[str, Any], source: str, run: RunConfig, peak: float, total_steps: int, problems: Problems
+) -> None:
+    """Fill WarmupCosineLR's "auto" params from the run; a given value the run contradicts is a problem."""
+    train = run.train
+    initial = 0.0 if train.initial_lr is None else train.initial_lr
+    min_lr = peak / 10 if train.min_lr is None else train.min_lr
     default_warmup = max(MIN_WARMUP_STEPS, round(0.1 * total_steps))
     given_total = p.get("total_num_steps", AUTO)
     if _is_auto(given_total):
         p["total_num_steps"] = total_steps
     elif given_total != total_steps:
         # A schedule of another length decays too early or never reaches min_lr; say so instead of training on it.
-        problems.append(
+        problems.add(
             f"{source}: scheduler.params.total_num_steps={given_total} disagrees with the run's {total_steps} steps "
             f'({run_length(run)}); set it to "auto" or {total_steps}'
         )
     p["warmup_num_steps"] = warmup = _pick(
         p.get("warmup_num_steps", AUTO),
-        t.warmup_steps,
+        train.warmup_steps,
         default_warmup,
         "scheduler.params.warmup_num_steps",
         "train.warmup_steps",
@@ -418,32 +493,26 @@ def _resolve_optimizer_and_schedule(
     )
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < MIN_WARMUP_STEPS:
         # WarmupCosineLR silently warms up over max(2, n) steps, so 1 would not give the schedule asked for.
-        key = "train.warmup_steps" if t.warmup_steps is not None else "scheduler.params.warmup_num_steps"
-        problems.append(
+        key = "train.warmup_steps" if train.warmup_steps is not None else "scheduler.params.warmup_num_steps"
+        problems.add(
             f"{source}: {key}={warmup!r}, but DeepSpeed's WarmupCosineLR warms up over at least 2 steps; "
             "set it to an integer of 2 or more"
         )
     for key, ratio, run_key, given in (
-        ("warmup_min_ratio", initial / peak, "train.initial_lr", t.initial_lr),
-        ("cos_min_ratio", min_lr / peak, "train.min_lr", t.min_lr),
+        ("warmup_min_ratio", initial / peak, "train.initial_lr", train.initial_lr),
+        ("cos_min_ratio", min_lr / peak, "train.min_lr", train.min_lr),
     ):
         if _is_auto(p.get(key)):
             p[key] = ratio
         elif given is not None and _is_number(p[key]) and not math.isclose(p[key], ratio, rel_tol=1e-9):
-            problems.append(
+            problems.add(
                 f"{source}: scheduler.params.{key}={p[key]} disagrees with {run_key}={given} "
                 f"(ratio {ratio:g} of peak lr {peak:g}); set one of them"
             )
-    if seed_style and p.get("warmup_type", "linear") != "linear":
-        problems.append(
-            f"{source}: scheduler.params.warmup_type={p['warmup_type']!r}, but train.initial_lr/min_lr/warmup_steps "
-            'describe a linear warm-up; set warmup_type to "linear"'
-        )
-    p.setdefault("warmup_type", "linear")
 
 
 def _resolve_activation_checkpointing(
-    cfg: dict[str, Any], source: str, run: RunConfig, problems: list[str]
+    cfg: dict[str, Any], source: str, run: RunConfig, problems: Problems
 ) -> None:
     """number_checkpoints "auto" is one per transformer block; settings DeepSpeed would assert on are problems."""
     ac = cfg.get("activation_checkpointing")
@@ -454,11 +523,11 @@ def _resolve_activation_checkpointing(
     if ac.get("contiguous_memory_optimization"):
         # DeepSpeed copies the saved activations of every checkpoint into one buffer cut from partitions.
         if not ac.get("partition_activations"):
-            problems.append(
+            problems.add(
                 f"{source}: activation_checkpointing.contiguous_memory_optimization needs partition_activations=true"
             )
         if ac.get("number_checkpoints") is None:
-            problems.append(
+            problems.add(
                 f"{source}: activation_checkpointing.contiguous_memory_optimization needs number_checkpoints "
                 f'(the number of transformer blocks, or "auto")'
             )
@@ -517,18 +586,3 @@ def _nvme_path_problems(path: Any, key: str, source: str) -> list[str]:
 def launcher_world_size() -> int:
     """World size as the launcher announces it, known before any process group exists."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def schedule_lr(config: dict[str, Any], iteration: float) -> float | None:
-    """The learning rate DeepSpeed's configured scheduler gives at `iteration`, from a fresh instance of it."""
-    import torch
-    from deepspeed.runtime import lr_schedules
-
-    sched = config.get("scheduler")
-    lr = config.get("optimizer", {}).get("params", {}).get("lr")
-    if not sched or lr is None:
-        return None
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
-    scheduler = getattr(lr_schedules, sched["type"])(opt, **sched.get("params", {}))
-    scheduler.step(iteration)
-    return float(scheduler.get_lr()[0])

@@ -10,224 +10,38 @@ the one `error:` message: DeepSpeed's own models for the sections it has them, o
 from __future__ import annotations
 
 import copy
-import difflib
 import inspect
-import json
-import math
-import os
 import re
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ds_trainer.ds_internals import (
+    builtin_optimizer_names,
+    config_section_models,
+    deepspeed_scheduler_class,
+    parse_deepspeed_config,
+    valid_schedule_names,
+    zero_supported_optimizers,
+)
+from ds_trainer.ds_rules import (
+    AUTO,
+    CLOSED_SECTIONS,
+    FP16_RANGES,
+    OPTIMIZER_RULES,
+    SCHEDULER_RULES,
+    SECTION_RULES,
+    TOP_LEVEL_RULES,
+    closest,
+    rule_problems,
+    show,
+    unknown_key,
+    unknown_key_problems,
+)
 
 if TYPE_CHECKING:
     from ds_trainer.config import RunConfig
 
-AUTO = "auto"
 # DeepSpeed's WarmupCosineLR warms up over max(2, warmup_num_steps) steps (0.19.8, lr_schedules.py).
 MIN_WARMUP_STEPS = 2
-
-
-def show(value: Any) -> str:
-    """A value as the user wrote it in the JSON."""
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
-
-
-def closest(word: str, options: Any) -> str | None:
-    """The option `word` is most likely a typo of, ignoring case ("sgd" → "SGD"), or None."""
-    by_lower: dict[str, str] = {}
-    for o in options:
-        by_lower.setdefault(str(o).lower(), str(o))  # the first spelling of a name wins
-    close = difflib.get_close_matches(str(word).lower(), list(by_lower), n=1, cutoff=0.6)
-    return by_lower[close[0]] if close else None
-
-
-# --- rules for values DeepSpeed does not check -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Num:
-    """A JSON number (an integer if `integer`) between `lo` and `hi`, open at an end where said."""
-
-    lo: float | None = None
-    hi: float | None = None
-    integer: bool = False
-    lo_open: bool = False
-    hi_open: bool = False
-    null: bool = False
-
-    def problem(self, v: Any) -> str | None:
-        if v is None and self.null:
-            return None
-        kind = int if self.integer else (int, float)
-        if isinstance(v, bool) or not isinstance(v, kind) or not self.in_range(v):
-            return f"must be {self}"
-        return None
-
-    def in_range(self, v: float) -> bool:
-        if isinstance(v, float) and not math.isfinite(v):
-            return False
-        below = self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo)
-        above = self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi)
-        return not (below or above)
-
-    def __str__(self) -> str:
-        what = "an integer" if self.integer else "a number"
-        if self.lo is not None and self.hi is not None:
-            what += (
-                f" in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
-            )
-        elif self.lo is not None:
-            what += f" {'>' if self.lo_open else '>='} {self.lo:g}"
-        return what + (" or null" if self.null else "")
-
-
-@dataclass(frozen=True)
-class Flag:
-    """true or false: DeepSpeed tests these for truth, so the string "false" would switch a feature on."""
-
-    null: bool = False
-
-    def problem(self, v: Any) -> str | None:
-        if isinstance(v, bool) or (v is None and self.null):
-            return None
-        return "must be true or false" + (" or null" if self.null else "")
-
-
-@dataclass(frozen=True)
-class Choice:
-    values: tuple[str, ...]
-
-    def problem(self, v: Any) -> str | None:
-        if isinstance(v, str) and v in self.values:
-            return None
-        return "must be one of " + ", ".join(show(x) for x in self.values)
-
-
-@dataclass(frozen=True)
-class Betas:
-    """Adam's and Lion's (beta1, beta2): DeepSpeed unpacks two and the kernels need each below 1."""
-
-    def problem(self, v: Any) -> str | None:
-        beta = Num(0, 1, hi_open=True)
-        if isinstance(v, list | tuple) and len(v) == 2 and all(beta.problem(b) is None for b in v):
-            return None
-        return "must be a list of two numbers in [0, 1), e.g. [0.9, 0.95]"
-
-
-# Top-level values DeepSpeed reads with get_scalar_param, which checks nothing.
-TOP_LEVEL_RULES: dict[str, Any] = {
-    "gradient_clipping": Num(0),  # a negative value silently turns clipping off
-    "steps_per_print": Num(1, integer=True),
-    "gradient_predivide_factor": Num(0, lo_open=True),
-    **{
-        k: Flag()
-        for k in (
-            "prescale_gradients",
-            "wall_clock_breakdown",
-            "memory_breakdown",
-            "dump_state",
-            "disable_allgather",
-            "dataloader_drop_last",
-            "sparse_gradients",
-            "zero_allow_untested_optimizer",
-            "zero_force_ds_cpu_optimizer",
-        )
-    },
-}
-# Read key by key with get_scalar_param too; a key DeepSpeed does not know is ignored, so it is refused.
-SECTION_RULES: dict[str, dict[str, Any]] = {
-    "activation_checkpointing": {
-        **{
-            k: Flag()
-            for k in (
-                "partition_activations",
-                "contiguous_memory_optimization",
-                "cpu_checkpointing",
-                "synchronize_checkpoint_boundary",
-                "profile",
-            )
-        },
-        "number_checkpoints": Num(1, integer=True, null=True),
-    },
-    "aio": {
-        "block_size": Num(1, integer=True),
-        "queue_depth": Num(1, integer=True),
-        "intra_op_parallelism": Num(1, integer=True),
-        "single_submit": Flag(),
-        "overlap_events": Flag(),
-        "use_gds": Flag(),
-    },
-}
-# Sections whose unknown keys are refused. Not aio: DeepSpeed 0.19 renamed thread_count to
-# intra_op_parallelism, and configs written for older versions (ours included) still carry it.
-CLOSED_SECTIONS = ("activation_checkpointing",)
-# Ranges DeepSpeed's fp16 model leaves open (it checks the types).
-FP16_RANGES = {
-    "initial_scale_power": Num(0),  # a loss scale below 1 shrinks the gradients it should protect
-    "hysteresis": Num(1),  # below 1 an overflow never lowers the loss scale (DynamicLossScaler)
-}
-OPTIMIZER_RULES: dict[str, Any] = {
-    "lr": Num(0, lo_open=True),
-    "betas": Betas(),
-    "eps": Num(0, lo_open=True),
-    "weight_decay": Num(0),
-    "momentum": Num(0, 1, hi_open=True),
-    "dampening": Num(0, 1),
-    "lr_decay": Num(0),
-    "initial_accumulator_value": Num(0),
-    **{
-        k: Flag()
-        for k in (
-            "nesterov",
-            "amsgrad",
-            "maximize",
-            "bias_correction",
-            "adam_w_mode",
-            "torch_adam",
-            "fp32_optimizer_states",
-            "set_grad_none",
-            "capturable",
-            "differentiable",
-        )
-    },
-    "foreach": Flag(null=True),
-    "fused": Flag(null=True),
-}
-SCHEDULER_RULES: dict[str, Any] = {
-    "total_num_steps": Num(1, integer=True),
-    "warmup_num_steps": Num(1, integer=True),
-    "warmup_min_ratio": Num(0, 1),
-    "cos_min_ratio": Num(0, 1),
-    "warmup_min_lr": Num(0),
-    "warmup_max_lr": Num(0, null=True),
-    "warmup_type": Choice(("log", "linear")),  # DeepSpeed falls back to "log" for anything else
-    "last_batch_iteration": Num(-1, integer=True),
-}
-
-
-def rule_problems(values: dict[str, Any], rules: dict[str, Any], prefix: str, source: str) -> list[str]:
-    out = []
-    for key, rule in rules.items():
-        if key in values and (why := rule.problem(values[key])):
-            out.append(f"{source}: {prefix}{key}={show(values[key])} {why}")
-    return out
-
-
-def unknown_key_problems(
-    values: dict[str, Any], known: Any, prefix: str, source: str, what: str
-) -> list[str]:
-    out = []
-    for key in values:
-        if key not in known:
-            close = closest(key, known)
-            hint = f"did you mean '{close}'?" if close else f"{what} reads {', '.join(sorted(known))}"
-            out.append(f"{source}: unknown key '{prefix}{key}'; {hint}")
-    return out
 
 
 # --- the shape of the JSON ------------------------------------------------------------------------------
@@ -271,35 +85,11 @@ def shape_problems(cfg: dict[str, Any], source: str) -> list[str]:
 # --- DeepSpeed's own models -----------------------------------------------------------------------------
 
 
-def section_models() -> dict[str, type]:
-    """DeepSpeed's pydantic model for each section that has one, as DeepSpeedConfig builds it."""
-    from deepspeed.comm.config import CommsLoggerConfig
-    from deepspeed.compile.config import CompileConfig
-    from deepspeed.monitor.config import CometConfig, CSVConfig, TensorBoardConfig, WandbConfig
-    from deepspeed.runtime.config import HybridEngineConfig
-    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-    return {
-        "zero_optimization": DeepSpeedZeroConfig,
-        "fp16": DeepSpeedFP16Config,
-        "bf16": DeepSpeedBF16Config,
-        "bfloat16": DeepSpeedBF16Config,
-        "tensorboard": TensorBoardConfig,
-        "wandb": WandbConfig,
-        "csv_monitor": CSVConfig,
-        "comet": CometConfig,
-        "comms_logger": CommsLoggerConfig,
-        "compile": CompileConfig,
-        "hybrid_engine": HybridEngineConfig,
-    }
-
-
 def model_problems(cfg: dict[str, Any], source: str) -> list[str]:
     from pydantic import ValidationError
 
     out = []
-    for key, model in section_models().items():
+    for key, model in config_section_models().items():
         if key not in cfg:
             continue
         try:
@@ -378,12 +168,11 @@ def deepspeed_refusal(cfg: dict[str, Any], source: str) -> list[str]:
     left out because DeepSpeedConfig checks it against a world size it cannot know before the process
     group exists; ds_config checks it against the launcher's.
     """
-    from deepspeed.runtime.config import DeepSpeedConfig
     from pydantic import ValidationError
 
     probe = copy.deepcopy({k: v for k, v in cfg.items() if k != "train_batch_size"})
     try:
-        DeepSpeedConfig(probe)
+        parse_deepspeed_config(probe)
     except ValidationError as e:  # a section this module has no model for
         return [
             f"{source}: DeepSpeed's {e.title} refuses {show(err['input'])}: {err['msg']}"
@@ -438,7 +227,6 @@ def optimizer_class(name: str, params: dict[str, Any], cfg: dict[str, Any]) -> t
     The class is None for DeepSpeed optimizers whose arguments are not checked here (mup's, Muon).
     Raises KeyError for a name DeepSpeed does not know."""
     import torch
-    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 
     lname, on_cpu = name.lower(), offload_device(cfg) in ("cpu", "nvme")
     if lname in ("adam", "adamw"):
@@ -461,7 +249,7 @@ def optimizer_class(name: str, params: dict[str, Any], cfg: dict[str, Any]) -> t
         cpu = {"adagrad": DeepSpeedCPUAdagrad, "lamb": FusedLamb, "lion": DeepSpeedCPULion}
         device = {"adagrad": torch.optim.Adagrad, "lamb": FusedLamb, "lion": FusedLion}
         return (cpu if on_cpu else device)[lname], set(), set()
-    if lname in DEEPSPEED_OPTIMIZERS:
+    if lname in builtin_optimizer_names():
         return None, set(), set()
     cls = getattr(torch.optim, name, None)
     if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer:
@@ -471,7 +259,6 @@ def optimizer_class(name: str, params: dict[str, Any], cfg: dict[str, Any]) -> t
 
 def optimizer_names() -> list[str]:
     import torch
-    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
 
     torch_names = [
         n
@@ -479,7 +266,7 @@ def optimizer_names() -> list[str]:
         if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
     ]
     # torch's spelling first, so a typo of AdamW is answered "AdamW" rather than DeepSpeed's "adamw"
-    return sorted(set(torch_names) - {"Optimizer"}) + sorted(DEEPSPEED_OPTIMIZERS)
+    return sorted(set(torch_names) - {"Optimizer"}) + sorted(builtin_optimizer_names())
 
 
 def signature_problems(
@@ -494,12 +281,8 @@ def signature_problems(
         return []
     named = {p.name for p in sig if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     accepted = (named - passed) | popped
-    out = []
-    for key in given:
-        if key not in accepted:
-            close = closest(key, accepted)
-            hint = f"did you mean '{close}'?" if close else f"it takes {', '.join(sorted(accepted))}"
-            out.append(f"{source}: unknown key '{prefix}{key}': DeepSpeed builds {cls.__name__} here; {hint}")
+    context = f": DeepSpeed builds {cls.__name__} here"
+    out = [unknown_key(k, accepted, prefix, source, "it takes", context) for k in given if k not in accepted]
     for p in sig:
         if p.default is p.empty and p.name in named - passed and p.name not in given:
             out.append(f"{source}: {prefix}{p.name} is required by {cls.__name__}; set it")
@@ -539,14 +322,12 @@ def optimizer_problems(cfg: dict[str, Any], source: str) -> list[str]:
     given = {k: v for k, v in params.items() if k != "max_grad_norm"}
     out += signature_problems(cls, given, popped, passed, "optimizer.params.", source)
     stage = zero_stage(cfg)
-    if stage and cfg.get("zero_allow_untested_optimizer") is not True:
-        from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
-
-        if cls not in ZERO_SUPPORTED_OPTIMIZERS:  # DeepSpeed asserts on it in _do_optimizer_sanity_check
-            out.append(
-                f"{source}: optimizer.type={show(name)} builds {cls.__name__}, which DeepSpeed has not tested "
-                f'with ZeRO (zero_optimization.stage={stage}); add "zero_allow_untested_optimizer": true to use it'
-            )
+    untested = cls not in zero_supported_optimizers()  # DeepSpeed asserts in _do_optimizer_sanity_check
+    if stage and cfg.get("zero_allow_untested_optimizer") is not True and untested:
+        out.append(
+            f"{source}: optimizer.type={show(name)} builds {cls.__name__}, which DeepSpeed has not tested "
+            f'with ZeRO (zero_optimization.stage={stage}); add "zero_allow_untested_optimizer": true to use it'
+        )
     return out
 
 
@@ -556,12 +337,11 @@ def optimizer_problems(cfg: dict[str, Any], source: str) -> list[str]:
 def scheduler_class(name: Any) -> type | None:
     """The class DeepSpeed builds for scheduler.type (engine._scheduler_from_config), or None if unknown."""
     import torch
-    from deepspeed.runtime import lr_schedules
 
     if not isinstance(name, str):
         return None
-    if name in lr_schedules.VALID_LR_SCHEDULES:
-        return getattr(lr_schedules, name)
+    if ds_class := deepspeed_scheduler_class(name):
+        return ds_class
     cls = getattr(torch.optim.lr_scheduler, name, None)
     base = torch.optim.lr_scheduler.LRScheduler
     return cls if isinstance(cls, type) and issubclass(cls, base) and cls is not base else None
@@ -569,10 +349,10 @@ def scheduler_class(name: Any) -> type | None:
 
 def run_length(run: RunConfig) -> str:
     """Where the run's number of steps comes from, for messages."""
-    t = run.train
-    if t.max_steps is not None:
-        return f"train.max_steps={t.max_steps}"
-    return f"train.epochs={t.epochs}" if t.epochs is not None else "the default length"
+    train = run.train
+    if train.max_steps is not None:
+        return f"train.max_steps={train.max_steps}"
+    return f"train.epochs={train.epochs}" if train.epochs is not None else "the default length"
 
 
 def scheduler_problems(cfg: dict[str, Any], source: str, run: RunConfig, steps: int) -> list[str]:
@@ -583,10 +363,9 @@ def scheduler_problems(cfg: dict[str, Any], source: str, run: RunConfig, steps: 
     out = unknown_key_problems(sched, ("type", "params"), "scheduler.", source, "DeepSpeed")
     cls, cosine = scheduler_class(name), name == "WarmupCosineLR"
     if cls is None:  # its parameters mean nothing until the type is known
-        from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
-
-        close = closest(name, VALID_LR_SCHEDULES)
-        hint = f"did you mean {show(close)}?" if close else f"use one of {', '.join(VALID_LR_SCHEDULES)}"
+        valid = valid_schedule_names()
+        close = closest(name, valid)
+        hint = f"did you mean {show(close)}?" if close else f"use one of {', '.join(valid)}"
         return out + [
             f"{source}: scheduler.type={show(name)} is neither a DeepSpeed scheduler nor one of "
             f"torch.optim.lr_scheduler; {hint}"
@@ -629,34 +408,3 @@ def json_problems(cfg: dict[str, Any], source: str, run: RunConfig, steps: int) 
     out += optimizer_problems(cfg, source)
     out += scheduler_problems(cfg, source, run, steps)
     return out
-
-
-# --- the run's folders ----------------------------------------------------------------------------------
-
-
-def writable_folder_problem(folder: Path | str, key: str, shown: Any = None) -> str | None:
-    """Why `folder` cannot be created and written in, or None. Leaves nothing behind: the folder itself is
-    made later by the code that writes there."""
-    shown = folder if shown is None else shown
-    probe = Path(folder).absolute()
-    try:
-        while not probe.exists() and not probe.is_symlink():
-            probe = probe.parent  # the deepest part that exists; "/" always does
-        if not probe.is_dir():
-            what = "a broken symbolic link" if probe.is_symlink() else "a file"
-            return f"{key}={shown} cannot be created: {probe} is {what}; choose another folder"
-        os.rmdir(tempfile.mkdtemp(prefix=".ds_trainer_probe_", dir=probe))  # as the checkpointer will mkdir
-    except OSError as e:
-        return f"{key}={shown} cannot be created or written ({e.strerror or e} in {probe}); choose a folder you can write to"
-    return None
-
-
-def folder_problems(run: RunConfig, rank: int) -> list[str]:
-    """checkpoint.dir on every rank (each writes there); metrics paths set explicitly on rank 0, the only
-    rank that writes them (by default they are inside checkpoint.dir)."""
-    found = [writable_folder_problem(run.run_dir, "checkpoint.dir")]
-    if rank == 0 and run.log.tensorboard_dir:
-        found.append(writable_folder_problem(run.log.tensorboard_dir, "log.tensorboard_dir"))
-    if rank == 0 and run.log.jsonl:
-        found.append(writable_folder_problem(Path(run.log.jsonl).parent, "log.jsonl", run.log.jsonl))
-    return [p for p in found if p]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 # How long a rank other than 0 waits for rank 0 to report the same problem and for the launcher to stop
 # it. Ranks reach their checks within about a second of each other; the deepspeed launcher polls every
@@ -16,6 +18,44 @@ class DsTrainerError(Exception):
     """A problem in the user's input. `launch/` prints it as one line and exits with code 2."""
 
     exit_code = 2
+
+
+# How several problems read as the one line a user sees.
+PROBLEM_SEPARATOR = "; "
+
+
+def join_problems(problems: Iterable[str]) -> str:
+    return PROBLEM_SEPARATOR.join(problems)
+
+
+class Problems:
+    """Every problem found in a set of inputs, so that one error names them all (not just the first)."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, problem: str | None) -> None:
+        if problem:
+            self.items.append(problem)
+
+    def extend(self, problems: Iterable[str]) -> None:
+        for problem in problems:
+            self.add(problem)
+
+    @contextmanager
+    def collect(self) -> Iterator[None]:
+        """Record a DsTrainerError raised inside the block as one more problem and go on."""
+        try:
+            yield
+        except DsTrainerError as e:
+            self.items.append(str(e))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def raise_if_any(self, error_type: type[DsTrainerError] = DsTrainerError) -> None:
+        if self.items:
+            raise error_type(join_problems(self.items))
 
 
 def report_on_rank(error: DsTrainerError, rank: int, grace_s: float = PEER_REPORT_GRACE_S) -> int:

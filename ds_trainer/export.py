@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ds_trainer.checkpoint.files import LATEST, latest_tag
 from ds_trainer.config import load_run_config
+from ds_trainer.ds_validate import zero_stage
 from ds_trainer.errors import DsTrainerError
 from ds_trainer.model import GPTConfig
 
@@ -25,10 +27,9 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 def checkpoint_folder(run_dir: str | Path, tag: str | None) -> Path:
     run_dir = Path(run_dir)
     if tag is None:
-        latest = run_dir / "latest"
-        if not latest.is_file():
-            raise DsTrainerError(f"{run_dir}: no `latest` file; pass --tag with a checkpoint folder name")
-        tag = latest.read_text().strip()
+        tag = latest_tag(run_dir)
+        if tag is None:
+            raise DsTrainerError(f"{run_dir}: no `{LATEST}` file; pass --tag with a checkpoint folder name")
     folder = run_dir / tag
     if not (folder / "run_config.json").is_file():
         raise DsTrainerError(f"{folder}: not a ds_trainer checkpoint (no run_config.json)")
@@ -36,18 +37,13 @@ def checkpoint_folder(run_dir: str | Path, tag: str | None) -> Path:
 
 
 def _pipeline_state(folder: Path, cfg: GPTConfig) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
+    from ds_trainer.pipeline import LayerMap  # imports deepspeed.pipe: only for pipeline checkpoints
+
+    layers, state = LayerMap(cfg.n_layer), {}
     for f in sorted(folder.glob("layer_*-model_states.pt")):
         idx = int(f.name[len("layer_") : f.name.index("-")])
         layer = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        if idx == 0:
-            prefix = ""
-        elif idx <= cfg.n_layer:
-            prefix = f"h.{idx - 1}."
-        elif idx == cfg.n_layer + 1:
-            prefix = "ln_f."
-        else:
-            prefix = "lm_head."
+        prefix = f"{layers.gpt_name(idx)}." if idx != layers.EMBEDDING else ""
         state.update({prefix + k: v for k, v in layer.items()})
     return state
 
@@ -57,7 +53,7 @@ def consolidated_state_dict(folder: Path) -> tuple[dict[str, torch.Tensor], GPTC
     run = load_run_config(str(folder / "run_config.json"))
     cfg = run.gpt_config()
     ds = json.loads((folder / "ds_config.json").read_text())
-    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    stage = zero_stage(ds)
     if any(folder.glob("layer_*-model_states.pt")):
         state = _pipeline_state(folder, cfg)
     elif stage == 0:

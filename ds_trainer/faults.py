@@ -25,8 +25,12 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ds_trainer.errors import DsTrainerError
+
+if TYPE_CHECKING:
+    from ds_trainer.step import StepResult
 
 ENV = "DS_TRAINER_FAULTS"
 COMMIT_KILLS = ("kill_after_manifest", "kill_after_rename", "kill_in_latest")  # in this order in a save
@@ -61,6 +65,8 @@ LEDGER = "faults_fired"
 
 class Faults:
     def __init__(self, faults: list[Fault], rank: int, run_dir: Path) -> None:
+        self.kinds = frozenset(f.kind for f in faults)
+        """Every kind planned, on any rank: the same on all ranks, so a refusal is too."""
         self.mine = [f for f in faults if f.rank in (None, rank)]
         self.rank = rank
         self.ledger = run_dir / LEDGER
@@ -68,6 +74,16 @@ class Faults:
     @classmethod
     def from_env(cls, rank: int, run_dir: Path) -> Faults:
         return cls(parse(os.environ.get(ENV, "")), rank, run_dir)
+
+    def pipeline_problem(self) -> str | None:
+        """Loss faults act between the forward pass and the update, which the pipeline engine runs as one call."""
+        refused = sorted(self.kinds & LOSS_FACTORS.keys())
+        if not refused:
+            return None
+        return (
+            f"{ENV}: {', '.join(refused)} cannot be injected with pipeline stages (the pipeline engine updates "
+            "inside one call); drill them with pipeline.stages 1"
+        )
 
     def due(self, kind: str, step: int) -> bool:
         """True once for a fault of `kind` at `step`; recorded durably before the caller acts on it."""
@@ -90,10 +106,10 @@ class Faults:
                 return factor
         return 1.0
 
-    def after_step(self, step: int) -> None:
-        if self.due("kill", step):
+    def after_step(self, result: StepResult) -> None:
+        if self.due("kill", result.step):
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.due("stop", step):
+        if self.due("stop", result.step):
             os.kill(os.getpid(), signal.SIGSTOP)
 
     def in_save(self, step: int, folder: Path, rank: int) -> None:

@@ -80,32 +80,14 @@ class Metrics:
         for s in self.sinks:
             s.text(step, tag, text)
 
-    def print(self, line: str) -> None:
+    def print_line(self, line: str) -> None:
+        """`line` on the console (rank 0's; the other ranks print nothing)."""
         if self.console:
             print(line, file=sys.stdout, flush=True)
 
     def close(self) -> None:
         for s in self.sinks:
             s.close()
-
-
-class ThroughputWindow:
-    """Steps and tokens since the last reset: ms/step and tokens/s over one log interval."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.start, self.steps, self.tokens = time.perf_counter(), 0, 0
-
-    def add(self, tokens: int) -> None:
-        self.steps += 1
-        self.tokens += tokens
-
-    def rates(self) -> tuple[float, float]:
-        """(seconds per step, tokens per second); call after synchronising the device."""
-        elapsed = time.perf_counter() - self.start
-        return elapsed / self.steps, self.tokens / elapsed
 
 
 def memory_scalars() -> dict[str, float]:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ds_trainer.errors import DsTrainerError
+from ds_trainer.errors import DsTrainerError, join_problems
 
 GPT2_VOCAB_SIZE = 50257
 
@@ -157,7 +157,7 @@ class GPT(nn.Module):
         super().__init__()
         problems = config.problems()
         if problems:
-            raise DsTrainerError("; ".join(problems))
+            raise DsTrainerError(join_problems(problems))
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
@@ -203,15 +203,22 @@ class GPT(nn.Module):
         """Sample `max_new_tokens` tokens after `input_ids` (batch, time); temperature 0 is greedy."""
         for _ in range(max_new_tokens):
             context = input_ids[:, -self.config.block_size :]
-            logits = self(context)[:, -1, :].float()
-            if temperature <= 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None and top_k > 0:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
-            input_ids = torch.cat([input_ids, next_id], dim=1)
+            next_id = sample_token(self(context)[:, -1, :], temperature, top_k, generator)
+            input_ids = torch.cat([input_ids, next_id.unsqueeze(-1)], dim=1)
         return input_ids
+
+
+def sample_token(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The next token for each row of `logits` (..., vocab): greedy at temperature 0, else drawn from
+    softmax(logits / temperature) over the `top_k` most likely tokens (all when top_k is None or 0)."""
+    row = logits.float()
+    if temperature <= 0:
+        return row.argmax(dim=-1)
+    row = row / temperature
+    if top_k:
+        kth = torch.topk(row, min(top_k, row.size(-1))).values[..., -1:]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = F.softmax(row, dim=-1)
+    return torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=generator).view(row.shape[:-1])

@@ -7,15 +7,16 @@ share that weight and DeepSpeed all-reduces its gradient between them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import deepspeed
 import deepspeed.comm as dist
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
+from ds_trainer import ds_internals
 from ds_trainer.errors import DsTrainerError
 from ds_trainer.model import Block, GPTConfig, init_gpt_weights
 
@@ -40,6 +41,38 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
 
 
+class LayerMap:
+    """Where the plain GPT's modules sit in the pipeline's layer list: the embedding (0), blocks 1..n_layer,
+    the final LayerNorm (n_layer + 1) and the head (n_layer + 2). Partitions, initialisation and export
+    all read it from here."""
+
+    EMBEDDING = 0
+
+    def __init__(self, n_layer: int) -> None:
+        self.n_layer = n_layer
+        self.ln_f = n_layer + 1
+        self.head = n_layer + 2
+        self.count = n_layer + 3
+
+    def is_block(self, idx: int) -> bool:
+        return 1 <= idx <= self.n_layer
+
+    def gpt_name(self, idx: int) -> str:
+        """The plain GPT's module name for layer `idx` ("" for the embedding, whose names are top-level)."""
+        if idx == self.EMBEDDING:
+            return ""
+        if self.is_block(idx):
+            return f"h.{idx - 1}"
+        return "ln_f" if idx == self.ln_f else "lm_head"
+
+    def describe(self, idx: int) -> str:
+        if idx == self.EMBEDDING:
+            return "embedding"
+        if self.is_block(idx):
+            return f"block {idx}"
+        return "final LayerNorm" if idx == self.ln_f else "head"
+
+
 def parse_partition(method: str, n_layer: int, stages: int) -> str | list[int]:
     """ "parameters", "uniform", or "blocks:a,b,…" (transformer blocks per stage) as layer boundaries."""
     if method in ("parameters", "uniform"):
@@ -54,11 +87,12 @@ def parse_partition(method: str, n_layer: int, stages: int) -> str | list[int]:
                 f"pipeline.partition {method!r} must list {stages} positive block counts summing to {n_layer} "
                 f"(e.g. blocks:{','.join(str(n_layer // stages + (i < n_layer % stages)) for i in range(stages))})"
             )
-        bounds, acc = [0], 1  # the embedding goes with the first stage
+        layers = LayerMap(n_layer)
+        bounds, acc = [layers.EMBEDDING], layers.EMBEDDING + 1  # the embedding goes with the first stage
         for c in counts[:-1]:
             acc += c
             bounds.append(acc)
-        return bounds + [n_layer + 3]  # the last stage also takes the final LayerNorm and the head
+        return bounds + [layers.count]  # the last stage also takes the final LayerNorm and the head
     raise DsTrainerError(
         f"pipeline.partition {method!r} is unknown; use parameters, uniform or blocks:a,b,..."
     )
@@ -69,12 +103,12 @@ def stage_without_blocks(parts: list[int], n_layer: int, partition: str) -> str 
 
     Such a stage (e.g. only the final LayerNorm and the head) has no weight-decayed parameters, so
     DeepSpeed drops that parameter group there; ZeRO then runs one gradient-norm all-reduce per group
-    and the stages wait on each other forever. Layers are: embedding, blocks 1..n_layer, LayerNorm, head.
+    and the stages wait on each other forever.
     """
-    names = ["embedding", *(f"block {i}" for i in range(1, n_layer + 1)), "final LayerNorm", "head"]
+    layers = LayerMap(n_layer)
     for stage, (start, stop) in enumerate(zip(parts[:-1], parts[1:], strict=True)):
-        if not any(1 <= i <= n_layer for i in range(start, stop)):
-            held = ", ".join(names[start:stop]) or "nothing"
+        if not any(layers.is_block(i) for i in range(start, stop)):
+            held = ", ".join(layers.describe(i) for i in range(start, min(stop, layers.count))) or "nothing"
             stages = len(parts) - 1
             even = ",".join(str(n_layer // stages + (i < n_layer % stages)) for i in range(stages))
             return (
@@ -84,14 +118,14 @@ def stage_without_blocks(parts: list[int], n_layer: int, partition: str) -> str 
     return None
 
 
-class GPTPipeline(PipelineModule):
-    """PipelineModule that also accepts explicit layer boundaries, and initialises like the plain GPT."""
+class GPTPipeline(ds_internals.pipeline_module_with_bounds()):
+    """The GPT as DeepSpeed pipeline layers (LayerMap's order), partitioned as pipeline.partition says,
+    initialised like the plain GPT."""
 
     def __init__(self, cfg: GPTConfig, stages: int, partition: str, checkpoint_blocks: bool) -> None:
-        self._explicit_bounds = None
         method = parse_partition(partition, cfg.n_layer, stages)
         if isinstance(method, list):
-            self._explicit_bounds, method = method, "uniform"
+            self.explicit_bounds, method = method, "uniform"
         if cfg.tie_embeddings:
             first = TiedLayerSpec("embed", EmbeddingPipe, cfg, tied_weight_attr="wte.weight")
             last = TiedLayerSpec(
@@ -119,28 +153,16 @@ class GPTPipeline(PipelineModule):
             raise DsTrainerError(problem)
         self._init_like_gpt(cfg)
 
-    def _partition_layers(self, method: str = "uniform") -> None:
-        if self._explicit_bounds is None:
-            return super()._partition_layers(method)
-        self.parts = self._explicit_bounds
-        stage = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
-
     def _init_like_gpt(self, cfg: GPTConfig) -> None:
         """Give each local layer the weights the plain GPT draws for the module of the same name."""
         for key, module in self.tied_modules.items():
             if key == "embed":
                 init_gpt_weights(module, "", cfg.n_layer)
-        for idx in range(self._local_start, self._local_stop):
+        layers = LayerMap(cfg.n_layer)
+        for idx in self.local_layer_indices():
             module = getattr(self, str(idx), None)
-            if module is None:
-                continue
-            if idx == 0:
-                init_gpt_weights(module, "", cfg.n_layer)
-            elif idx <= cfg.n_layer:
-                init_gpt_weights(module, f"h.{idx - 1}", cfg.n_layer)
-            elif idx == cfg.n_layer + 2:
-                init_gpt_weights(module, "lm_head", cfg.n_layer)
+            if module is not None:
+                init_gpt_weights(module, layers.gpt_name(idx), cfg.n_layer)
 
 
 def train_step(
@@ -163,14 +185,12 @@ def generate(
     max_new_tokens: int,
     context_length: int,
     micro_batch_size: int,
-    temperature: float,
-    top_k: int | None,
-    generator: torch.Generator,
+    pick: Callable[[torch.Tensor], torch.Tensor],
     pad_id: int,
 ) -> list[int]:
     """Sampling through the stages. Every input has the training shape (micro batch × context, right-padded),
     so the pipeline's cached activation shapes stay valid; causal attention makes padding harmless.
-    The last stage samples and broadcasts each token to the other stages of its pipeline. The loss
+    The last stage picks the token (`pick(logits)`, e.g. model.sample_token) and broadcasts each token to the other stages of its pipeline. The loss
     DeepSpeed computes on the way (against the input as dummy targets) is discarded: its evaluation
     keeps a running loss total that logits cannot be added to.
     """
@@ -189,15 +209,7 @@ def generate(
         )
         token = torch.zeros(1, dtype=torch.long, device=device)
         if engine.is_last_stage():
-            row = logits[0, len(window) - 1].float()
-            if temperature <= 0:
-                token[0] = row.argmax()
-            else:
-                row = row / temperature
-                if top_k:
-                    kth = torch.topk(row, min(top_k, row.numel())).values[-1]
-                    row = row.masked_fill(row < kth, float("-inf"))
-                token[0] = torch.multinomial(F.softmax(row, dim=-1), 1, generator=generator)
+            token[0] = pick(logits[0, len(window) - 1])
         dist.broadcast(token, src=last_stage, group=engine.grid.get_pipe_parallel_group())
         ids.append(int(token))
     return ids

@@ -6,7 +6,8 @@ TORCH_EXTENSIONS_DIR=/path/to/cache python launch/build_ops.py
 import os
 import sys
 
-from ds_trainer.engine import build_ops, remove_stale_build_locks, remove_stale_shm_buffers
+from ds_trainer.ops import build_ops, remove_stale_build_locks
+from ds_trainer.process import remove_stale_shm_buffers
 
 
 def main() -> int:

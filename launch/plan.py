@@ -3,7 +3,7 @@
 python launch/plan.py --preset gpt2 --zero 2 --nodes 1 --gpus_per_node 8
 python launch/plan.py --n_layer 48 --n_head 25 --n_embd 1600 --micro_batch 16 --write ds_plan.json
 
-The figures and formulas are documented in ds_trainer/plan.py. Sizes are GiB (2**30 bytes).
+The figures and formulas are documented in docs/planning.md. Sizes are GiB (2**30 bytes).
 """
 
 import argparse
@@ -17,7 +17,7 @@ class _Parser(argparse.ArgumentParser):
         raise DsTrainerError(message)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", help="gpt2-tiny, gpt2, gpt2-medium, gpt2-large or gpt2-xl")
     for dim in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
@@ -53,14 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--tokens", type=int, help="training tokens (default: 20 per parameter)")
     ap.add_argument("--write", metavar="PATH", help="write the suggested DeepSpeed JSON to PATH")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        args = ap.parse_args(argv)
-        from ds_trainer.plan import format_plan, model_config, plan, write_suggestion
+        args = _parser().parse_args(argv)
+        from ds_trainer.planning import PlanRequest, format_plan, model_config, plan, write_suggestion
 
         cfg = model_config(
             args.preset, args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab_size
         )
-        result = plan(
+        request = PlanRequest(
             cfg,
             zero=args.zero,
             offload=args.offload,
@@ -78,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             peak_tflops=args.peak_tflops,
             tokens=args.tokens,
         )
+        result = plan(request)
         print(format_plan(result), flush=True)
         if args.write:
             path = write_suggestion(result, args.write)

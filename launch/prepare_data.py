@@ -1,4 +1,4 @@
-"""Prepare a text corpus into tokenised uint16 shards for pretraining (see ds_trainer/data/prepare.py).
+"""Prepare a text corpus into tokenised uint16 shards for pretraining (see docs/data_preparation.md).
 
 python launch/prepare_data.py INPUT [INPUT ...] --out OUT [--val_fraction 0.005] [--seed 1234] [--workers N]
     [--shard_tokens N] [--text_field text] [--min_chars N] [--normalize NFC|NFKC|none] [--keep_control_chars]
@@ -14,9 +14,10 @@ import sys
 from ds_trainer.errors import DsTrainerError
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ds_trainer.data.prepare import DEFAULT_SHARD_TOKENS, DEFAULT_UNIT_BYTES
+def _parser() -> argparse.ArgumentParser:
+    from ds_trainer.data.prepare.options import INVALID_UTF8_POLICIES, PrepareOptions
 
+    defaults = PrepareOptions()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -24,23 +25,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", required=True, help="output folder (created; resumed when it holds a preparation)"
     )
-    parser.add_argument("--val_fraction", type=float, default=0.005, help="share of documents for validation")
-    parser.add_argument("--seed", type=int, default=1234, help="fixes which documents are validation")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: every core)")
-    parser.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
-    parser.add_argument("--text_field", default="text", help="the text field of JSONL records")
     parser.add_argument(
-        "--min_chars", type=int, default=0, help="drop documents shorter than this (characters)"
+        "--val_fraction", type=float, default=defaults.val_fraction, help="share of documents for validation"
     )
-    parser.add_argument("--normalize", default="NFC", help="Unicode normalisation: NFC, NFKC or none")
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="fixes which documents are validation"
+    )
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: every core)")
+    parser.add_argument("--shard_tokens", type=int, default=defaults.shard_tokens, help="tokens per shard")
+    parser.add_argument("--text_field", default=defaults.text_field, help="the text field of JSONL records")
+    parser.add_argument(
+        "--min_chars",
+        type=int,
+        default=defaults.min_chars,
+        help="drop documents shorter than this (characters)",
+    )
+    parser.add_argument(
+        "--normalize", default=defaults.normalize, help="Unicode normalisation: NFC, NFKC or none"
+    )
     parser.add_argument(
         "--keep_control_chars",
         action="store_true",
         help="keep control characters (removed by default, but \\t \\n)",
     )
     parser.add_argument("--decontaminate", nargs="+", default=[], metavar="EVALFILE", help="evaluation texts")
-    parser.add_argument("--ngram", type=int, default=13, help="words per n-gram for --decontaminate")
-    parser.add_argument("--invalid_utf8", default="error", choices=["error", "replace", "skip"])
+    parser.add_argument(
+        "--ngram", type=int, default=defaults.ngram, help="words per n-gram for --decontaminate"
+    )
+    parser.add_argument("--invalid_utf8", default=defaults.invalid_utf8, choices=INVALID_UTF8_POLICIES)
     parser.add_argument(
         "--skip_bad_records",
         action="store_true",
@@ -49,11 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--unit_bytes",
         type=int,
-        default=DEFAULT_UNIT_BYTES,
+        default=defaults.unit_bytes,
         help="input bytes per work unit; long documents are cut into pieces of this size (shapes their hash)",
     )
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         from ds_trainer.data.prepare import prepare
 

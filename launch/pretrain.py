@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run_config(args.config, overrides)
     except DsTrainerError as e:
         return report_on_rank(e, rank)
-    from ds_trainer.engine import end_process  # heavy imports only once the arguments are good
     from ds_trainer.pretrain import pretrain
+    from ds_trainer.process import end_process  # heavy imports only once the arguments are good
 
     try:
         code = pretrain(run, args.ds_config)

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ds_trainer.process import free_port
+
 MARK = "ds_trainer tests"
 BEGIN = f"# >>> {MARK} >>>"
 END = f"# <<< {MARK} <<<"
@@ -92,12 +94,6 @@ def port_open(addr: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((addr, port)) == 0
-
-
-def free_port(addr: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
 
 
 def wait_for(check, timeout: float, what: str, interval: float = 0.2) -> None:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     all_tensors,
     assert_bitwise,
+    ds_formula_lr,
     fp32,
     losses,
     ok,
@@ -22,7 +23,6 @@ from conftest import (
     tiny_args,
     under_ci,
 )
-from test_trainer import ds_formula_lr
 
 from ds_trainer.atomic_io import temporary_path
 from ds_trainer.checkpoint import (

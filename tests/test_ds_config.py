@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import under_ci
+from helpers import under_ci
 
 from ds_trainer.config import load_run_config
 from ds_trainer.ds_config import DEFAULT_DS_CONFIG, load_ds_json, resolve
@@ -685,7 +685,7 @@ def test_the_issue_cases_in_one_message():
 
 
 def test_writable_folder_problem(tmp_path):
-    from ds_trainer.ds_validate import writable_folder_problem
+    from ds_trainer.run_folders import writable_folder_problem
 
     (tmp_path / "file").write_text("")
     msg = writable_folder_problem(tmp_path / "file" / "run", "checkpoint.dir")
@@ -707,7 +707,7 @@ def test_writable_folder_problem(tmp_path):
 
 def test_folder_problems_of_a_run(tmp_path):
     """checkpoint.dir on every rank; metrics paths set explicitly only on rank 0, the rank that writes them."""
-    from ds_trainer.ds_validate import folder_problems
+    from ds_trainer.run_folders import folder_problems
 
     (tmp_path / "file").write_text("")
     blocked = tmp_path / "file" / "x"

@@ -78,7 +78,9 @@ def test_zero3_ranks_hold_only_their_partition_from_construction(tmp_path):
     import json
     import subprocess
 
-    from conftest import REPO, fp32, free_port
+    from helpers import REPO, fp32
+
+    from ds_trainer.process import free_port
 
     figures = {}
     for base in ("zero0", "zero3"):
@@ -120,7 +122,7 @@ def test_activation_checkpointing_same_numbers_less_memory():
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     cmd = [
         sys.executable,
@@ -143,7 +145,7 @@ def test_activation_checkpointing_same_numbers_less_memory():
 @pytest.mark.slow
 def test_activation_checkpointing_trains_to_the_same_losses(tmp_path, verdict_path):
     import numpy as np
-    from conftest import fp32, losses, run_pretrain, tiny_args
+    from helpers import fp32, losses, run_pretrain, tiny_args
 
     # Every option of the JSON section on: partitioning (a no-op without tensor parallelism), copies of the
     # checkpoints in host memory, and one contiguous buffer for them.
@@ -188,7 +190,7 @@ CHECKPOINTING_GLOBALS = (
 
 def resolve_shipped(name: str, n_layer: int, dropout: float = 0.0, **changes):
     """A ds_configs/ JSON resolved for a one-rank CPU run (fp32: this CPU has no native bf16)."""
-    from conftest import REPO
+    from helpers import REPO
 
     from ds_trainer.config import load_run_config
     from ds_trainer.ds_config import load_ds_json, resolve
@@ -286,7 +288,7 @@ def test_activation_checkpointing_section_configures_deepspeed_and_recomputes(
 
 
 def test_stale_build_locks_are_removed(tmp_path):
-    from ds_trainer.engine import remove_stale_build_locks
+    from ds_trainer.ops import remove_stale_build_locks
 
     (tmp_path / "py311_cpu" / "cpu_adam").mkdir(parents=True)
     (tmp_path / "py311_cpu" / "cpu_adam" / "lock").write_text("")
@@ -304,7 +306,8 @@ def test_stale_build_locks_are_removed(tmp_path):
 def test_stale_shm_buffers_are_removed_and_mapped_ones_kept(tmp_path):
     import mmap
 
-    from ds_trainer.engine import SHM_PREFIX, remove_stale_shm_buffers
+    from ds_trainer.ds_internals import SHM_PREFIX
+    from ds_trainer.process import remove_stale_shm_buffers
 
     stale, live, other = (
         (tmp_path / f"{SHM_PREFIX}0_x_1_0"),
@@ -320,7 +323,7 @@ def test_stale_shm_buffers_are_removed_and_mapped_ones_kept(tmp_path):
 
 END_PROCESS_SCRIPT = """
 import atexit, logging, sys
-from ds_trainer.engine import end_process
+from ds_trainer.process import end_process
 atexit.register(lambda: print("finalized", flush=True))
 logging.basicConfig(filename=sys.argv[1])
 logging.getLogger("ds_trainer").warning("logged before the end")
@@ -343,9 +346,9 @@ def test_end_process_keeps_code_and_output_and_skips_teardown(tmp_path):
 
 @pytest.mark.slow
 def test_two_rank_run_leaves_no_shared_memory_behind(tmp_path, verdict_path):
-    from conftest import run_pretrain, tiny_args
+    from helpers import run_pretrain, tiny_args
 
-    from ds_trainer.engine import SHM_DIR, SHM_PREFIX
+    from ds_trainer.ds_internals import SHM_DIR, SHM_PREFIX
 
     before = set(SHM_DIR.glob(SHM_PREFIX + "*"))
     r = run_pretrain(tiny_args(tmp_path / "run", verdict_path, steps=2), ranks=2)
@@ -360,8 +363,8 @@ def test_no_decay_group_survives_deepspeed_initialize(stage, process_group):
 
     from ds_trainer.config import load_run_config
     from ds_trainer.ds_config import DEFAULT_DS_CONFIG, resolve
+    from ds_trainer.ds_internals import innermost_optimizer
     from ds_trainer.engine import build_engine
-    from ds_trainer.guard import innermost_optimizer
 
     run = load_run_config(None, ["--train.max_steps", "1"])
     raw = copy.deepcopy(DEFAULT_DS_CONFIG)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, fp32, run_pretrain, tiny_args
+from helpers import REPO, fp32, run_pretrain, tiny_args
 from safetensors.torch import load_file
 
 from ds_trainer.model import GPT, GPTConfig

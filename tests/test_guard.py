@@ -7,16 +7,15 @@ import math
 
 import pytest
 import torch
-from conftest import all_tensors, assert_bitwise, fp32, ok, read_metrics, run_pretrain, tiny_args
+from helpers import all_tensors, assert_bitwise, fp32, ok, read_metrics, run_pretrain, tiny_args
 
 from ds_trainer.checkpoint import tag_for_step
-from ds_trainer.guard import GuardSettings, LossGuard
+from ds_trainer.config import GuardSection
+from ds_trainer.guard import LossGuard
 
 
 def test_judge_withholds_nonfinite_and_spikes_after_the_window_fills():
-    g = LossGuard(
-        GuardSettings(spike_factor=2.0, spike_window=3, rollback_after=2, lr_factor=0.5, lr_steps=4), 1
-    )
+    g = LossGuard(GuardSection(spike_factor=2.0, spike_window=3, rollback_after=2, lr_factor=0.5, lr_steps=4))
     assert g.judge(9.0) is None and g.judge(50.0) is None  # no spike check before 3 good steps
     assert g.judge(math.nan) == "non-finite loss" and g.consecutive == 1
     assert g.judge(8.0) is None and g.consecutive == 0  # the window is now 9, 50, 8: mean 22.3
@@ -25,7 +24,7 @@ def test_judge_withholds_nonfinite_and_spikes_after_the_window_fills():
     assert g.judge(math.inf) == "non-finite loss" and g.wants_rollback() and g.withheld == 3
     g.lr_cut_until = 10
     assert [g.lr_scale(s) for s in (9, 10, 11)] == [0.5, 0.5, 1.0]
-    again = LossGuard(g.s, 1)
+    again = LossGuard(g.settings)
     again.load_state_dict(json.loads(json.dumps(g.state_dict())))  # it travels in checkpoints as JSON-able
     assert again.state_dict() == g.state_dict()
 

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import TMP_BEFORE, leftover_processes, under_ci
+from helpers import TMP_BEFORE, leftover_processes, under_ci
 
 # torch's compile cache: `import torch._dynamo` (which torch.optim does) creates it in every process that
 # does not set TORCHINDUCTOR_CACHE_DIR, including the ranks tests start over ssh and SLURM. It is

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import REPO, requires_libaio, run_pretrain, tiny_args, write_ds_config
+from helpers import REPO, requires_libaio, run_pretrain, tiny_args, write_ds_config
 
 
 def assert_one_line_error(proc, *needles: str) -> None:
@@ -163,8 +163,8 @@ def load_main():
 def main_in_process(monkeypatch, capsys):
     """launch/pretrain.py's main(argv) as a user's run executes it, up to init_distributed, which raises
     ReachedProcessGroup instead; returns (exit code, stdout, stderr)."""
-    import ds_trainer.engine
     import ds_trainer.pretrain
+    import ds_trainer.process
 
     def end_process(code):
         raise SystemExit(code)
@@ -172,7 +172,7 @@ def main_in_process(monkeypatch, capsys):
     def init_distributed():
         raise ReachedProcessGroup
 
-    monkeypatch.setattr(ds_trainer.engine, "end_process", end_process)
+    monkeypatch.setattr(ds_trainer.process, "end_process", end_process)
     monkeypatch.setattr(ds_trainer.pretrain, "init_distributed", init_distributed)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)

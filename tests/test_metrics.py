@@ -27,7 +27,7 @@ def test_only_rank_0_writes_and_prints(tmp_path, capsys):
         m = Metrics.for_rank(rank, tmp_path / f"tb{rank}", tmp_path / f"m{rank}.jsonl")
         m.scalars(3, {"train/loss": 2.5})
         m.text(3, "samples/text", "hello")
-        m.print(f"line from rank {rank}")
+        m.print_line(f"line from rank {rank}")
         m.close()
     assert not (tmp_path / "tb1").exists() and not (tmp_path / "m1.jsonl").exists()
     assert capsys.readouterr().out == "line from rank 0\n"

@@ -7,17 +7,18 @@ import subprocess
 import time
 
 import pytest
-from conftest import REPO, free_port, run_pretrain, tiny_args, val_losses
-from test_trainer import SGD_LR, assert_same_training, sgd
+from helpers import REPO, SGD_LR, assert_same_training, run_pretrain, sgd, tiny_args, val_losses
+
+from ds_trainer.process import free_port
+from ds_trainer.supervisor import rank_pattern
 
 STEPS = 6
 
 
 def rank_pids(run_dir) -> list[int]:
-    """This run's rank processes: `pretrain.py --local_rank=N` with its folder on the command line."""
-    r = subprocess.run(
-        ["pgrep", "-f", f"pretrain.py --local_rank=.*{run_dir}"], capture_output=True, text=True, timeout=60
-    )
+    """This run's rank processes, found by pgrep with the pattern the batch script and supervisor use."""
+    pattern = rank_pattern("pretrain.py", "--checkpoint.dir", str(run_dir))
+    r = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, timeout=60)
     return [int(p) for p in r.stdout.split()]
 
 

@@ -7,8 +7,19 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import REPO, fp32, losses, read_metrics, run_pretrain, samples, tiny_args, val_losses
-from test_trainer import SGD_LR, assert_same_training, sgd
+from helpers import (
+    REPO,
+    SGD_LR,
+    assert_same_training,
+    fp32,
+    losses,
+    read_metrics,
+    run_pretrain,
+    samples,
+    sgd,
+    tiny_args,
+    val_losses,
+)
 
 from ds_trainer.config import load_run_config
 from ds_trainer.errors import DsTrainerError
@@ -44,6 +55,24 @@ def test_pipeline_refuses_zero_2_and_3(base):
         resolve_pipeline(base, 2, "--pipeline.stages", "2")
     assert f"zero_optimization.stage={stage} with pipeline.stages=2" in str(e.value)
     assert "supports ZeRO 0 and 1" in str(e.value)
+
+
+def test_what_the_pipeline_cannot_do_is_refused_when_the_run_is_built(tmp_path):
+    """The guard's verdict and loss faults act between backward and the update, which DeepSpeed's
+    pipeline engine runs as one call: they are refused with one line, never skipped."""
+    from ds_trainer.config import ConfigError, load_run_config
+    from ds_trainer.faults import Faults, parse
+
+    with pytest.raises(ConfigError) as e:
+        load_run_config(
+            None, ["--pipeline.stages", "2", "--guard.spike_factor", "3", "--guard.lr_steps", "5"]
+        )
+    assert "guard.spike_factor, guard.lr_steps set with pipeline.stages=2" in str(e.value)
+    load_run_config(None, ["--pipeline.stages", "2"])  # the guard's defaults: the run says it is off
+    load_run_config(None, ["--guard.spike_factor", "3"])  # without a pipeline the guard is free
+    problem = Faults(parse("kill@2,spike@4:1,nan@3"), 0, tmp_path).pipeline_problem()
+    assert problem.startswith("DS_TRAINER_FAULTS: nan, spike cannot be injected with pipeline stages")
+    assert Faults(parse("kill@2,kill_in_save@4"), 0, tmp_path).pipeline_problem() is None
 
 
 def test_pipeline_ranks_must_divide_into_stages():
@@ -108,6 +137,7 @@ def test_two_stages_match_the_plain_model_and_resume(tmp_path, verdict_path):
     proc = run_pretrain(piped_args, ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 pipeline stages x 1 data-parallel" in proc.stdout
+    assert "loss guard off: the pipeline engine updates inside one call" in proc.stdout  # said, not skipped
     assert proc.stdout.count("sample step") == 2  # generation runs through the stages
     assert_same_training(piped, plain, 20)
     np.testing.assert_allclose(

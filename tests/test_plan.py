@@ -14,23 +14,23 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
+from benchmarks.plan_measure import measure_model_states, release_engine
 from ds_trainer.errors import DsTrainerError
 from ds_trainer.model import GPT, PRESETS, GPTConfig
-from ds_trainer.plan import (
+from ds_trainer.planning import (
     ACTIVATION_CHECKPOINTING_SECTION,
     GIB,
     Layout,
+    PlanRequest,
     activation_memory,
     count_parameters,
     deepspeed_estimate,
     format_plan,
-    measure_model_states,
     model_config,
     model_states,
     plan,
-    release_engine,
     zero_paper_states,
 )
 
@@ -274,15 +274,15 @@ def test_korthikanti_formula_with_materialised_attention():
 
 
 def test_token_budget_flops_and_time():
-    p = plan("gpt2", zero=2, nodes=1, gpus_per_node=8, mfu=0.5, peak_tflops=1000)
+    p = plan(PlanRequest("gpt2", zero=2, nodes=1, gpus_per_node=8, mfu=0.5, peak_tflops=1000))
     n = count_parameters(GPT2).total
     assert p.compute.tokens == pytest.approx(2.5e9, rel=0.01)
     assert p.compute.tokens == round(20 * n)
     assert p.compute.flops == 6 * n * p.compute.tokens
     assert p.compute.seconds == pytest.approx(p.compute.flops / (8 * 1000e12 * 0.5))
-    assert plan("gpt2", dtype="fp32").compute.peak_tflops == 67.0
-    assert plan("gpt2").compute.peak_tflops == 989.0
-    assert plan("gpt2", tokens=10**9).compute.flops == 6 * n * 10**9
+    assert plan(PlanRequest("gpt2", dtype="fp32")).compute.peak_tflops == 67.0
+    assert plan(PlanRequest("gpt2")).compute.peak_tflops == 989.0
+    assert plan(PlanRequest("gpt2", tokens=10**9)).compute.flops == 6 * n * 10**9
 
 
 # --- fit and suggestion ----------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def _resolves(config: dict) -> None:
 
 def test_gpt2_xl_suggestion_fits_on_one_80gb_gpu():
     for micro in (16, 32, 64):
-        p = plan("gpt2-xl", micro_batch=micro, gpus_per_node=1, gpu_memory_gb=80)
+        p = plan(PlanRequest("gpt2-xl", micro_batch=micro, gpus_per_node=1, gpu_memory_gb=80))
         s = p.suggestion
         assert s is not None
         assert s.need.fits
@@ -312,7 +312,7 @@ def test_gpt2_xl_suggestion_fits_on_one_80gb_gpu():
             assert s.config["activation_checkpointing"] == ACTIVATION_CHECKPOINTING_SECTION
         _resolves(s.config)
     # From micro batch 32 on the 48 layers' activations alone exceed the GPU: checkpointing is needed.
-    big = plan("gpt2-xl", micro_batch=32, gpu_memory_gb=80)
+    big = plan(PlanRequest("gpt2-xl", micro_batch=32, gpu_memory_gb=80))
     assert big.activations.full > 80 * GIB and big.suggestion.activation_checkpointing
 
 
@@ -323,7 +323,7 @@ def test_suggested_checkpointing_section_is_the_shipped_one():
     for name in ("zero1_activation_checkpointing", "zero3_activation_checkpointing"):
         shipped = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())["activation_checkpointing"]
         assert shipped == ACTIVATION_CHECKPOINTING_SECTION
-    s = plan("gpt2-xl", micro_batch=32, gpu_memory_gb=80).suggestion
+    s = plan(PlanRequest("gpt2-xl", micro_batch=32, gpu_memory_gb=80)).suggestion
     assert s.activation_checkpointing
     run = load_run_config(None, ["--model.preset", "gpt2-xl", "--train.max_steps", "10"])
     r = resolve(s.config, "suggested", run, 1, 10_000, "cuda")
@@ -332,19 +332,19 @@ def test_suggested_checkpointing_section_is_the_shipped_one():
 
 
 def test_suggestion_is_the_cheapest_that_fits():
-    small = plan("gpt2", micro_batch=4, gpus_per_node=8).suggestion
+    small = plan(PlanRequest("gpt2", micro_batch=4, gpus_per_node=8)).suggestion
     assert small.base_file == "zero0" and not small.activation_checkpointing
     assert "activation_checkpointing" not in small.config
     # 40 GB GPUs and 8 of them: gpt2-xl needs ZeRO partitioning to fit without recomputation.
-    mid = plan("gpt2-xl", micro_batch=8, gpus_per_node=8, gpu_memory_gb=40).suggestion
+    mid = plan(PlanRequest("gpt2-xl", micro_batch=8, gpus_per_node=8, gpu_memory_gb=40)).suggestion
     assert mid.layout.stage >= 1
     # The tie to the real files: the JSON is the ds_configs/ file with the planned values filled in.
     base = json.loads((REPO / "ds_configs" / f"{mid.base_file}.json").read_text())
     assert mid.config["zero_optimization"] == base["zero_optimization"]
     assert mid.config["bf16"] == {"enabled": True}
-    fp32 = plan("gpt2", dtype="fp32").suggestion.config
+    fp32 = plan(PlanRequest("gpt2", dtype="fp32")).suggestion.config
     assert "bf16" not in fp32 and "fp16" not in fp32
-    fp16 = plan("gpt2", dtype="fp16").suggestion.config
+    fp16 = plan(PlanRequest("gpt2", dtype="fp16")).suggestion.config
     assert fp16["fp16"]["enabled"] is True and "bf16" not in fp16
     for cfg in (mid.config, fp32):
         _resolves(cfg)
@@ -353,7 +353,7 @@ def test_suggestion_is_the_cheapest_that_fits():
 def test_offload_is_suggested_when_states_outgrow_the_gpus():
     # 6.7B parameters on one 80 GB GPU: 20 bytes per parameter cannot stay on the GPU.
     cfg = GPTConfig(n_layer=32, n_head=32, n_embd=4096, block_size=2048)
-    p = plan(cfg, micro_batch=1, gpu_memory_gb=80)
+    p = plan(PlanRequest(cfg, micro_batch=1, gpu_memory_gb=80))
     assert p.suggestion is not None
     assert p.suggestion.layout.offload_optimizer != "none"
     assert p.suggestion.need.states.cpu_per_node > 0
@@ -361,22 +361,24 @@ def test_offload_is_suggested_when_states_outgrow_the_gpus():
 
 def test_a_model_that_fits_nowhere_is_reported_not_raised():
     cfg = GPTConfig(n_layer=128, n_head=160, n_embd=25600)  # ~1T parameters on one GPU
-    p = plan(cfg, micro_batch=1)
+    p = plan(PlanRequest(cfg, micro_batch=1))
     assert p.suggestion is None
     assert "no DeepSpeed config fits" in p.no_fit_reason
     assert "NVMe" in p.no_fit_reason
     assert "no DeepSpeed config fits" in format_plan(p)
-    tiny_gpu = plan("gpt2-xl", micro_batch=1, gpu_memory_gb=1.5)
+    tiny_gpu = plan(PlanRequest("gpt2-xl", micro_batch=1, gpu_memory_gb=1.5))
     assert tiny_gpu.suggestion is None and "GPU needs" in tiny_gpu.no_fit_reason
 
 
 def test_requested_layout_is_reported_both_ways():
-    p = plan("gpt2", zero=3, offload="cpu", gpus_per_node=4)
+    p = plan(PlanRequest("gpt2", zero=3, offload="cpu", gpus_per_node=4))
     assert p.layout == Layout(3, "cpu", "cpu")
     assert p.need_checkpointed.gpu < p.need.gpu
     assert p.deepspeed is not None and p.deepspeed.function == "estimate_zero3_model_states_mem_needs"
-    assert plan("gpt2", zero=3, offload="cpu", offload_params=False).layout == Layout(3, "cpu", "none")
-    assert plan("gpt2", zero=1).deepspeed is None
+    assert plan(PlanRequest("gpt2", zero=3, offload="cpu", offload_params=False)).layout == Layout(
+        3, "cpu", "none"
+    )
+    assert plan(PlanRequest("gpt2", zero=1)).deepspeed is None
     text = format_plan(p)
     assert "DeepSpeed estimator" in text and "ZeRO paper" in text and "GiB" in text
 
@@ -397,7 +399,7 @@ def test_requested_layout_is_reported_both_ways():
 )
 def test_bad_input_raises_a_user_error(kwargs, message):
     with pytest.raises(DsTrainerError, match=message):
-        plan("gpt2", **kwargs)
+        plan(PlanRequest("gpt2", **kwargs))
 
 
 def test_model_config_errors():

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import (
+from helpers import (
     REPO,
     fp32,
     ok,
@@ -26,8 +26,9 @@ from ds_trainer.preemption import REQUEUE_EXIT
 FORCED = f"""
 import os, signal, sys, time
 sys.path.insert(0, {str(REPO)!r})
+from ds_trainer.collectives import Group
 from ds_trainer.preemption import StopRequest
-stop = StopRequest(None, grace_s=float(sys.argv[1]), world_size=1)
+stop = StopRequest(None, grace_s=float(sys.argv[1]), group=Group(1))
 stop.install()
 print("armed", time.time(), flush=True)
 for _ in range(int(sys.argv[2])):

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA, REPO
+from helpers import DATA, REPO
 
 from ds_trainer.data import prepare as P
-from ds_trainer.data.prepare import clean_text, cut_offsets, prepare
+from ds_trainer.data.prepare import cutting, prepare, worker
+from ds_trainer.data.prepare.cleaning import clean_text
+from ds_trainer.data.prepare.cutting import cut_offsets
 from ds_trainer.errors import DsTrainerError
 from ds_trainer.tokenizer import EOT_ID, encode_documents, get_encoding, identity
 
@@ -122,7 +124,7 @@ def test_cleaning_and_tokenising_pieces_equals_the_whole_on_tricky_text(form):
     for _ in range(300):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(5, 80)))
         raw = text.encode()
-        cuts = [m.end() for m in P._CUT_RE.finditer(raw)]
+        cuts = [m.end() for m in cutting._CUT_RE.finditer(raw)]
         if not cuts:
             continue
         whole = clean_text(text, form)[0]
@@ -143,15 +145,15 @@ def test_file_and_stream_cutting_agree_with_cut_offsets(tmp_path):
         f = tmp_path / f"t{trial}.txt"
         f.write_bytes(data)
         cuts = cut_offsets(data, unit)
-        assert P._file_cut_offsets(str(f), len(data), unit) == cuts
+        assert cutting._file_cut_offsets(str(f), len(data), unit) == cuts
         stream = iter([data[i : i + 97] for i in range(0, len(data), 97)])
-        pieces = list(P._stream_txt_pieces(lambda n, s=stream: next(s, b""), unit))
+        pieces = list(cutting._stream_txt_pieces(lambda n, s=stream: next(s, b""), unit))
         bounds = [0, *cuts, len(data)]
         assert [p for p, _ in pieces] == [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
         assert [last for _, last in pieces] == [False] * len(cuts) + [True]
         stream = iter([data[i : i + 97] for i in range(0, len(data), 97)])
-        chunks = list(P._stream_line_chunks(lambda n, s=stream: next(s, b""), unit))
-        ranges = P._file_line_ranges(str(f), len(data), unit)
+        chunks = list(cutting._stream_line_chunks(lambda n, s=stream: next(s, b""), unit))
+        ranges = cutting._file_line_ranges(str(f), len(data), unit)
         assert chunks == [data[a:b] for a, b in ranges] and b"".join(chunks) == data
 
 
@@ -561,7 +563,7 @@ def test_sigkill_midway_then_rerun_gives_identical_shards(tmp_path):
     opts = ["--workers", "2", "--shard_tokens", "20000", "--unit_bytes", "65536", "--val_fraction", "0.2"]
     out = tmp_path / "out"
     # The test hook makes each worker sleep 0.4 s per unit, so the kill lands midway.
-    proc = launcher([str(src), "--out", str(out), *opts], env={P.SLOW_UNITS_ENV: "0.4"})
+    proc = launcher([str(src), "--out", str(out), *opts], env={worker.SLOW_UNITS_ENV: "0.4"})
     progress = out / "progress.json"
     committed = 0
     deadline = time.monotonic() + 60

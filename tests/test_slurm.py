@@ -8,7 +8,9 @@ import time
 from datetime import datetime
 
 import pytest
-from conftest import REPO, fp32, free_port, rank_processes, read_metrics, tiny_args
+from helpers import REPO, fp32, rank_processes, read_metrics, tiny_args
+
+from ds_trainer.process import free_port
 
 SBATCH = REPO / "launch" / "slurm" / "pretrain.sbatch"
 CHAIN = REPO / "launch" / "slurm" / "submit_chain.sh"

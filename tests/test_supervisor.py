@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     REPO,
     all_tensors,
     assert_bitwise,
     fp32,
-    free_port,
     launch,
     losses,
     ok,
@@ -30,6 +29,7 @@ from conftest import (
 )
 
 from ds_trainer.errors import DsTrainerError
+from ds_trainer.process import free_port
 from ds_trainer.supervisor import (
     NO_HOST_EXIT,
     REQUEUE_EXIT,
@@ -394,7 +394,7 @@ def test_hung_rank_is_caught_by_the_watchdog_and_the_run_finishes(tmp_path, verd
 
 @pytest.mark.slow
 def test_sigusr1_to_the_supervisor_reaches_the_ranks_and_is_not_retried(tmp_path, verdict_path):
-    from conftest import rank_processes, wait_for_step
+    from helpers import rank_processes, wait_for_step
 
     ds = str(fp32(tmp_path / "ds.json", "zero1"))
     run = tmp_path / "run"

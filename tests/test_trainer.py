@@ -11,8 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (
+from helpers import (
+    ADAMW_LR,
     REPO,
+    SGD_LR,
+    assert_same_training,
+    ds_formula_lr,
+    final_weights,
     fp32,
     losses,
     ok,
@@ -20,87 +25,12 @@ from conftest import (
     requires_libaio,
     run_pretrain,
     samples,
+    sgd,
     tiny_args,
     val_losses,
 )
 
 STEPS = 20
-
-# Plain SGD, no momentum, no clipping: the update is lr x gradient, so a gradient off by a constant factor
-# (a 1/ranks or 1/accumulation lost, or applied twice) changes every later loss and weight. AdamW's update
-# and norm clipping both divide such a factor out: runs with them stay "equal" through it.
-SGD_LR = 0.5  # gpt2-tiny: loss 10.8 -> 8.2 in 20 steps; at 1.0 it already jumps about
-ADAMW_LR = 3e-3
-
-
-def sgd(path: Path, base: str, **changes) -> Path:
-    """The ds_configs/ file in fp32, training with plain SGD and no gradient clipping."""
-    return fp32(
-        path,
-        base,
-        optimizer={"type": "SGD", "params": {"lr": "auto", "momentum": 0}},
-        gradient_clipping=0,  # off; DeepSpeed 0.19 clips at 1.0 when the key is absent
-        zero_allow_untested_optimizer=True,
-        **changes,
-    )
-
-
-def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    """Module weights of the checkpoint at `step`, from DeepSpeed's model-states file (ZeRO 0-2)."""
-    states = torch.load(run_dir / f"step_{step:08d}" / "mp_rank_00_model_states.pt", weights_only=False)
-    return states["module"]
-
-
-def grad_norms(run_dir: Path) -> dict[int, float]:
-    """The logged gradient norm before clipping, by step."""
-    return {m["step"]: m["train/grad_norm"] for m in read_metrics(run_dir) if "train/grad_norm" in m}
-
-
-def consolidated_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The newest checkpoint's fp32 weights under the plain GPT's names, from any layout (ZeRO 0-3, stages)."""
-    from ds_trainer.export import checkpoint_folder, consolidated_state_dict
-
-    return {k: v.detach() for k, v in consolidated_state_dict(checkpoint_folder(run_dir, None))[0].items()}
-
-
-def assert_same_training(
-    got: Path,
-    want: Path,
-    steps: int,
-    loss_atol: float = 1e-5,
-    norm_rtol: float = 1e-5,
-    weight_atol: float | None = 1e-5,
-) -> None:
-    """Every step's loss and gradient norm, and the final weights (unless weight_atol is None), of the
-    run in `got` equal `want`'s.
-
-    The norm is logged before clipping, so it moves with the gradient's scale whatever the optimizer;
-    the losses after step 1 and the weights do too under SGD. Prints the largest differences first.
-    """
-    series = {}
-    for name, run in (("got", got), ("want", want)):
-        loss, norm = losses(run), grad_norms(run)
-        assert sorted(loss) == sorted(norm) == list(range(1, steps + 1)), (name, sorted(loss), sorted(norm))
-        series[name] = [loss[s] for s in sorted(loss)], [norm[s] for s in sorted(norm)]
-    (loss_got, norm_got), (loss_want, norm_want) = series["got"], series["want"]
-    w_got, w_want, weight_diff = {}, {}, {"(not compared)": float("nan")}
-    if weight_atol is not None:
-        w_got, w_want = consolidated_weights(got), consolidated_weights(want)
-        assert w_got.keys() == w_want.keys()
-        weight_diff = {k: float((w_got[k] - w_want[k]).abs().max()) for k in w_want}
-    worst = max(weight_diff, key=weight_diff.get)
-    print(
-        f"{got} vs {want}: max |loss diff| {np.max(np.abs(np.subtract(loss_got, loss_want))):.2e}, "
-        f"max relative grad-norm diff {np.max(np.abs(np.divide(norm_got, norm_want) - 1)):.2e}, "
-        f"max |weight diff| {weight_diff[worst]:.2e} ({worst})"
-    )
-    np.testing.assert_allclose(norm_got, norm_want, rtol=norm_rtol, atol=0, err_msg="gradient norms")
-    np.testing.assert_allclose(loss_got, loss_want, rtol=0, atol=loss_atol, err_msg="losses")
-    for k in w_want:
-        torch.testing.assert_close(
-            w_got[k], w_want[k], rtol=0, atol=weight_atol, msg=lambda m, k=k: f"final weights {k}: {m}"
-        )
-
 
 # Evaluation and a sample at the last step: under ZeRO-3 both run on partitioned parameters.
 VARIANT = {"eval.interval": STEPS, "eval.iters": 2, "eval.sample_tokens": 4}
@@ -226,15 +156,6 @@ def test_accumulation_matches_one_micro_batch(tmp_path, verdict_path, sgd_refere
     assert_same_training(run, sgd_reference, STEPS)
 
 
-def ds_formula_lr(k: int, lr: float, total: int, warmup: int, warmup_min: float, cos_min: float) -> float:
-    """WarmupCosineLR with linear warm-up at iteration k, written from its documented definition."""
-    warmup = max(2, warmup)
-    if k < warmup:
-        return lr * (warmup_min + (1 - warmup_min) * k / warmup)
-    progress = min(1.0, (k - warmup + 1) / max(1, total - warmup))
-    return lr * max(0.0, cos_min + (1 - cos_min) * (1 + math.cos(math.pi * progress)) / 2)
-
-
 def logged_lrs(run_dir) -> list[float]:
     return [m["train/lr"] for m in read_metrics(run_dir) if "train/lr" in m]
 
@@ -287,18 +208,16 @@ def test_lr_follows_seed_style_schedule(tmp_path, verdict_path):
 
 
 @pytest.mark.parametrize("stage", [0, 2])
-def test_clipping_applies_clipped_update_and_logs_raw_norm(stage, process_group, verdict_path):
-    from ds_trainer.checkpoint import Checkpointer, Progress
-    from ds_trainer.config import load_run_config
+def test_clipping_applies_clipped_update_and_logs_raw_norm(stage, process_group, verdict_path, tmp_path):
+    from ds_trainer.collectives import Group
+    from ds_trainer.config import GuardSection, load_run_config
     from ds_trainer.data import GlobalBatchSampler, SampleStream, build_datasets
     from ds_trainer.ds_config import resolve
     from ds_trainer.engine import build_engine
-    from ds_trainer.guard import GuardSettings, IncidentLog, LossGuard
-    from ds_trainer.metrics import Metrics
+    from ds_trainer.faults import Faults
+    from ds_trainer.guard import LossGuard
     from ds_trainer.model import GPT
-    from ds_trainer.preemption import StopRequest
-    from ds_trainer.trainer import LoopSettings, Trainer
-    from ds_trainer.watchdog import Watchdog
+    from ds_trainer.step import BatchSource, DataParallelStep
 
     run = load_run_config(
         None, ["--data.context_length", "32", "--train.micro_batch_size", "2", "--train.max_steps", "1"]
@@ -322,24 +241,13 @@ def test_clipping_applies_clipped_update_and_logs_raw_norm(stage, process_group,
     before = {k: v.detach().clone() for k, v in reference.named_parameters()}
     engine = build_engine(model, ds)
     sampler = GlobalBatchSampler(SampleStream(train.sizes(), None, seed=0), 2, 0, 1)
-    settings = LoopSettings(1, 1, 0, 1, 0, 0, "", 0, 1.0, 0)
-    trainer = Trainer(
-        engine,
-        ds,
-        train,
-        None,
-        sampler,
-        Progress(),
-        Checkpointer(None, 0, 1, {}, {}),
-        Metrics([], console=False),
-        settings,
-        StopRequest(None, 1.0, 1),
-        Watchdog(0),
-        LossGuard(GuardSettings(0.0, 1, 0, 1.0, 0), 1),
-        IncidentLog(None),
+    guard = LossGuard(
+        GuardSection(spike_factor=0.0, spike_window=1, rollback_after=0, lr_factor=1.0, lr_steps=0)
     )
+    step = DataParallelStep(engine, ds, train, Group(1), guard, Faults([], 0, tmp_path))
     batch_indices = GlobalBatchSampler(SampleStream(train.sizes(), None, seed=0), 2, 0, 1).next_step(1)[0]
-    _, grad_norm, withheld = trainer.train_step(2, want_grad_norm=True)
+    result = step(BatchSource(sampler, ds, 32).next(1), grad_norm=True)
+    grad_norm, withheld = result.grad_norm, result.withheld
     assert withheld is None
 
     x, y = train.batch(batch_indices)
@@ -467,7 +375,7 @@ def test_two_rank_run_resumes_on_one_rank_with_the_remaining_samples(tmp_path, v
 @pytest.mark.slow
 def test_batch_rampup_on_a_mixture(tmp_path, verdict_path):
     """The global batch grows 2 → 8 over 24 windows; the schedule counts full-batch steps of samples seen."""
-    from conftest import DATA
+    from helpers import DATA
 
     mixture = f"{{{verdict_path}: 0.7, {DATA / 'tinyshakespeare.txt'}: 0.3}}"
     args = tiny_args(
@@ -522,7 +430,7 @@ def test_batch_rampup_on_a_mixture(tmp_path, verdict_path):
 
 @pytest.mark.slow
 def test_trains_from_prepared_shards(tmp_path):
-    from conftest import DATA
+    from helpers import DATA
 
     from ds_trainer.data.prepare import prepare
 

@@ -9,7 +9,7 @@ import time
 
 import psutil
 import pytest
-from conftest import REPO, fp32, rank_processes, start_pretrain, tiny_args, wait_for_step
+from helpers import REPO, fp32, rank_processes, start_pretrain, tiny_args, wait_for_step
 
 from ds_trainer.watchdog import EXIT_HANG
 

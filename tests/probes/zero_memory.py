@@ -17,8 +17,9 @@ import torch
 
 from ds_trainer.config import load_run_config
 from ds_trainer.ds_config import load_ds_json, resolve
-from ds_trainer.engine import build_engine, build_model, end_process, init_distributed
+from ds_trainer.engine import build_engine, build_model
 from ds_trainer.model import GPT
+from ds_trainer.process import end_process, init_distributed
 
 
 def tensors_in(obj, seen: set, depth: int = 0):

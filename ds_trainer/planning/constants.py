@@ -1,0 +1,29 @@
+"""The planner's assumptions: bytes per dtype, default hardware figures, margins, DeepSpeed's defaults."""
+
+from __future__ import annotations
+
+GIB = 2**30
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+DEFAULT_PEAK_TFLOPS = {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}
+"""Per device, dense: H100 SXM tensor cores for bf16/fp16; fp32 without TF32 (PyTorch's default)."""
+TOKENS_PER_PARAM = 20.0
+MEMORY_MARGIN = 0.10
+"""Share of every memory kept free: fragmentation, allocator caching, what the formulas leave out."""
+GPU_FIXED_OVERHEAD = 1 * GIB
+"""Per GPU, before any tensor: CUDA context, cuBLAS/cuDNN workspaces, NCCL communicators."""
+DEFAULT_CPU_MEMORY_GB = 1024.0
+DEFAULT_NVME_GB = 2048.0
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+ATTENTION_MODES = ("flash", "math")
+
+# DeepSpeed's defaults for the bucket sizes when a JSON leaves them out (DeepSpeedZeroConfig, 0.19).
+DS_DEFAULT_BUCKET = 500_000_000
+DS_DEFAULT_PREFETCH_BUCKET = 50_000_000
+DS_DEFAULT_PERSISTENCE_THRESHOLD = 100_000
+DS_DDP_ALLREDUCE_BUCKET = 500_000_000
+DS_DEFAULT_SUB_GROUP = 1_000_000_000
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f}"
