@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -19,7 +18,7 @@ from typing import Any
 
 from ds_trainer.config import RunConfig
 from ds_trainer.data.sampler import BatchRampup
-from ds_trainer.ds_rules import AUTO
+from ds_trainer.ds_rules import AUTO, top_level_key_problems
 from ds_trainer.ds_validate import (
     MIN_WARMUP_STEPS,
     deepspeed_refusal,
@@ -59,71 +58,6 @@ DEFAULT_DS_CONFIG: dict[str, Any] = {
     "zero_optimization": {"stage": 0},
     "steps_per_print": 1_000_000_000,
 }
-
-# Top-level keys DeepSpeed 0.19 reads. A key close to one of these is almost surely a typo that
-# DeepSpeed would silently ignore (e.g. "zero_optimisation" runs plain ZeRO-0).
-KNOWN_TOP_LEVEL_KEYS = frozenset(
-    [
-        "train_batch_size",
-        "train_micro_batch_size_per_gpu",
-        "gradient_accumulation_steps",
-        "optimizer",
-        "scheduler",
-        "fp16",
-        "bf16",
-        "bfloat16",
-        "amp",
-        "torch_autocast",
-        "gradient_clipping",
-        "prescale_gradients",
-        "gradient_predivide_factor",
-        "sparse_gradients",
-        "zero_optimization",
-        "zero_allow_untested_optimizer",
-        "zero_force_ds_cpu_optimizer",
-        "activation_checkpointing",
-        "flops_profiler",
-        "tensorboard",
-        "wandb",
-        "csv_monitor",
-        "comet",
-        "comms_logger",
-        "steps_per_print",
-        "wall_clock_breakdown",
-        "dump_state",
-        "memory_breakdown",
-        "dataloader_drop_last",
-        "disable_allgather",
-        "communication_data_type",
-        "seq_parallel_communication_data_type",
-        "elasticity",
-        "autotuning",
-        "compression_training",
-        "data_efficiency",
-        "curriculum_learning",
-        "data_types",
-        "checkpoint",
-        "aio",
-        "nebula",
-        "pipeline",
-        "sparse_attention",
-        "progressive_layer_drop",
-        "eigenvalue",
-        "quantize_training",
-        "hybrid_engine",
-        "compile",
-        "weight_quantization",
-        "graph_harvesting",
-        "timers",
-        "gradient_allreduce_op",
-        "disable_python_gc",
-        "log_level",
-        "expert_parallel",
-        "use_data_before_expert_parallel_",
-        "zenflow",
-        "tensor_parallel",
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -248,7 +182,7 @@ def resolve(
             f"{world_size} ranks cannot be cut into pipeline.stages={stages}; use a number of ranks divisible by it"
         )
     dp = max(1, world_size // stages)
-    problems.extend(_unknown_key_problems(cfg, source))
+    problems.extend(top_level_key_problems(cfg, source))
     micro, gas = _resolve_batch(cfg, source, run, dp, global_batch, problems)
     total_steps = _total_steps(run, num_train_samples, micro, gas, dp, problems)
     _resolve_optimizer_and_schedule(cfg, source, run, total_steps, problems)
@@ -269,17 +203,6 @@ def resolve(
     return ResolvedDSConfig(
         cfg, source, micro, gas, dp, optimizer_steps, total_steps, start, run.rampup_samples or 0, stages
     )
-
-
-def _unknown_key_problems(cfg: dict[str, Any], source: str) -> list[str]:
-    """Top-level keys DeepSpeed does not read, with the known key a typo most likely meant."""
-    problems = []
-    for key in cfg:
-        if key not in KNOWN_TOP_LEVEL_KEYS:
-            close = difflib.get_close_matches(key, KNOWN_TOP_LEVEL_KEYS, n=1, cutoff=0.8)
-            hint = f"did you mean '{close[0]}'?" if close else "DeepSpeed does not read it; remove it"
-            problems.append(f"{source}: unknown key '{key}'; {hint}")
-    return problems
 
 
 def _resolve_batch(

@@ -212,3 +212,80 @@ def unknown_key(key: str, known: Any, prefix: str, source: str, takes: str, cont
     close = closest(key, known)
     hint = f"did you mean '{close}'?" if close else f"{takes} {', '.join(sorted(known))}"
     return f"{source}: unknown key '{prefix}{key}'{context}; {hint}"
+
+
+# Top-level keys DeepSpeed 0.19 reads. A key close to one of these is almost surely a typo that
+# DeepSpeed would silently ignore (e.g. "zero_optimisation" runs plain ZeRO-0).
+KNOWN_TOP_LEVEL_KEYS = frozenset(
+    [
+        "train_batch_size",
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "optimizer",
+        "scheduler",
+        "fp16",
+        "bf16",
+        "bfloat16",
+        "amp",
+        "torch_autocast",
+        "gradient_clipping",
+        "prescale_gradients",
+        "gradient_predivide_factor",
+        "sparse_gradients",
+        "zero_optimization",
+        "zero_allow_untested_optimizer",
+        "zero_force_ds_cpu_optimizer",
+        "activation_checkpointing",
+        "flops_profiler",
+        "tensorboard",
+        "wandb",
+        "csv_monitor",
+        "comet",
+        "comms_logger",
+        "steps_per_print",
+        "wall_clock_breakdown",
+        "dump_state",
+        "memory_breakdown",
+        "dataloader_drop_last",
+        "disable_allgather",
+        "communication_data_type",
+        "seq_parallel_communication_data_type",
+        "elasticity",
+        "autotuning",
+        "compression_training",
+        "data_efficiency",
+        "curriculum_learning",
+        "data_types",
+        "checkpoint",
+        "aio",
+        "nebula",
+        "pipeline",
+        "sparse_attention",
+        "progressive_layer_drop",
+        "eigenvalue",
+        "quantize_training",
+        "hybrid_engine",
+        "compile",
+        "weight_quantization",
+        "graph_harvesting",
+        "timers",
+        "gradient_allreduce_op",
+        "disable_python_gc",
+        "log_level",
+        "expert_parallel",
+        "use_data_before_expert_parallel_",
+        "zenflow",
+        "tensor_parallel",
+    ]
+)
+
+
+def top_level_key_problems(cfg: dict[str, Any], source: str) -> list[str]:
+    """Top-level keys DeepSpeed does not read, with the known key a typo most likely meant."""
+    problems = []
+    for key in cfg:
+        if key not in KNOWN_TOP_LEVEL_KEYS:
+            close = difflib.get_close_matches(key, KNOWN_TOP_LEVEL_KEYS, n=1, cutoff=0.8)
+            hint = f"did you mean '{close[0]}'?" if close else "DeepSpeed does not read it; remove it"
+            problems.append(f"{source}: unknown key '{key}'; {hint}")
+    return problems

@@ -29,6 +29,7 @@ from ds_trainer.checkpoint import (
     LATEST,
     MANIFEST,
     PARTIAL,
+    RunIdentity,
     committed,
     compare,
     crc32_of,
@@ -73,16 +74,17 @@ def test_retention_keeps_last_k_every_nth_and_the_protected():
 
 
 def identity(**changes) -> dict:
-    ident = {
-        "model": {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 128, "vocab_size": 50257},
-        "tokenizer": {"name": "r50k_base", "sha256": "abc"},
-        "context_length": 32,
-        "stride": 32,
-        "data_sources": {"a.txt": 1.0},
-        "val_fraction": 0.1,
-        "seed": 1,
-        "pipeline_stages": 1,
-    }
+    """Saved configs whose identity (built by RunIdentity, its one home) has `changes`."""
+    ident = RunIdentity(
+        model={"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 128, "vocab_size": 50257},
+        tokenizer={"name": "r50k_base", "sha256": "abc"},
+        context_length=32,
+        stride=32,
+        data_sources={"a.txt": 1.0},
+        val_fraction=0.1,
+        seed=1,
+        pipeline_stages=1,
+    ).to_dict()
     for k, v in changes.items():
         if k in ident["model"]:
             ident["model"] = {**ident["model"], k: v}
