@@ -51,6 +51,9 @@ class ModelSection:
     """Bias on the query/key/value projection."""
     tie_embeddings: bool = True
     """Tie the LM head to the token embedding."""
+    init: str = "gpt2"
+    """Initial weights: gpt2 (normal, std 0.02, scaled residual projections) or torch (each module's PyTorch
+    default, as the from-scratch books' model). The same weights under every ZeRO stage and pipeline layout."""
 
     def gpt_config(self) -> GPTConfig:
         sizes = {
@@ -58,7 +61,12 @@ class ModelSection:
             for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
             if getattr(self, k) is not None
         }
-        extra = {"dropout": self.dropout, "qkv_bias": self.qkv_bias, "tie_embeddings": self.tie_embeddings}
+        extra = {
+            "dropout": self.dropout,
+            "qkv_bias": self.qkv_bias,
+            "tie_embeddings": self.tie_embeddings,
+            "init": self.init,
+        }
         if self.preset is not None:
             return GPTConfig.from_preset(self.preset, **sizes, **extra)
         return GPTConfig(**sizes, **extra)
@@ -131,6 +139,17 @@ class TrainSection:
     warmup_steps: int | None = None
     """Linear warm-up steps, at least 2 (DeepSpeed's floor); fills the scheduler's "auto" warmup_num_steps
     (default: 10% of the steps, at least 2)."""
+    weight_decay: float | None = None
+    """Decoupled weight decay; fills the optimizer's "auto" (or absent) weight_decay (default 0.1)."""
+    max_norm: float | None = None
+    """Gradient-norm clipping threshold, 0 for none; fills the JSON's "auto" (or absent) gradient_clipping
+    (default 1.0)."""
+    clip_from_step: int = 0
+    """Gradient clipping starts at this step (counted from 0, as the books' loop counts); before it, none.
+    The books' recipe clips from the end of the warm-up."""
+    decay_all_parameters: bool = False
+    """Decay every parameter, as the books' single-group AdamW does. By default biases, LayerNorm weights and
+    embeddings are exempt, which is right for pretraining."""
     rampup_start_batch: int | None = None
     """Batch-size ramp-up: the global batch (in windows) at the start, growing linearly to the configured one.
     A multiple of micro_batch_size × ranks. With a ramp-up, max_steps and the learning-rate schedule count
@@ -158,10 +177,10 @@ class TrainSection:
         if self.epochs is not None and self.epochs <= 0:
             out.append(f"train.epochs must be > 0, got {self.epochs}")
         out += _below("train", self, ("micro_batch_size", "gradient_accumulation_steps", "warmup_steps"), 1)
-        out += _below("train", self, ("peak_lr", "initial_lr", "min_lr"), 0)
+        out += _below("train", self, ("peak_lr", "initial_lr", "min_lr", "weight_decay", "max_norm"), 0)
         if self.peak_lr is not None and self.peak_lr == 0:
             out.append("train.peak_lr must be > 0")
-        out += _below("train", self, ("stop_grace", "watchdog_timeout"), 0)
+        out += _below("train", self, ("stop_grace", "watchdog_timeout", "clip_from_step"), 0)
         return out
 
     def _rampup_problems(self) -> list[str]:
@@ -516,6 +535,11 @@ def cross_section_problems(cfg: RunConfig) -> list[str]:
             f"{', '.join(cfg.guard.changed())} set with pipeline.stages={pipeline.stages}: the pipeline engine updates "
             "inside one call, so the loss guard cannot withhold an update; remove the guard settings or set "
             "pipeline.stages to 1"
+        )
+    if pipeline.stages > 1 and cfg.train.clip_from_step > 0:
+        out.append(
+            f"train.clip_from_step={cfg.train.clip_from_step} with pipeline.stages={pipeline.stages}: clipping that "
+            "starts mid-run is built for the data-parallel step only; remove it or set pipeline.stages to 1"
         )
     if pipeline.stages > 1 and gpt is not None and not gpt.problems() and pipeline.stages > gpt.n_layer:
         out.append(

@@ -33,6 +33,8 @@ from ds_trainer.errors import DsTrainerError, Problems
 
 DEFAULT_MICRO_BATCH = 4
 DEFAULT_PEAK_LR = 6e-4
+DEFAULT_WEIGHT_DECAY = 0.1
+DEFAULT_MAX_NORM = 1.0
 DEFAULT_STEPS = 300
 
 # Used when no --ds_config is given: plain data parallelism in fp32, which every device runs.
@@ -40,10 +42,10 @@ DEFAULT_DS_CONFIG: dict[str, Any] = {
     "train_batch_size": AUTO,
     "train_micro_batch_size_per_gpu": AUTO,
     "gradient_accumulation_steps": AUTO,
-    "gradient_clipping": 1.0,
+    "gradient_clipping": AUTO,
     "optimizer": {
         "type": "AdamW",
-        "params": {"lr": AUTO, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1},
+        "params": {"lr": AUTO, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": AUTO},
     },
     "scheduler": {
         "type": "WarmupCosineLR",
@@ -339,6 +341,7 @@ def _resolve_optimizer_and_schedule(
 ) -> None:
     train = run.train
     peak = _resolve_lr(cfg, source, run, problems)
+    _resolve_regularisation(cfg, source, run, problems)
     seed_style = any(v is not None for v in (train.initial_lr, train.min_lr, train.warmup_steps))
     sched = cfg.get("scheduler")
     if sched is None:
@@ -368,6 +371,33 @@ def _resolve_optimizer_and_schedule(
             'describe a linear warm-up; set warmup_type to "linear"'
         )
     params.setdefault("warmup_type", "linear")
+
+
+def _resolve_regularisation(cfg: dict[str, Any], source: str, run: RunConfig, problems: Problems) -> None:
+    """Fill the optimizer's weight_decay and the gradient clipping from train.weight_decay / train.max_norm.
+
+    An absent key counts as "auto" once the run config sets its value; left absent otherwise, so a JSON
+    without them runs on DeepSpeed's defaults as before.
+    """
+    train = run.train
+    opt = cfg.get("optimizer")
+    if opt is not None:
+        params = opt.setdefault("params", {})
+        if "weight_decay" in params or train.weight_decay is not None:
+            decay = params.get("weight_decay", AUTO)
+            params["weight_decay"] = _pick(
+                decay, train.weight_decay, DEFAULT_WEIGHT_DECAY, "optimizer.params.weight_decay",
+                "train.weight_decay", source, problems,
+            )  # fmt: skip
+    elif train.weight_decay is not None:
+        problems.add(
+            f"{source}: train.weight_decay is set but the JSON has no optimizer section to apply it to"
+        )
+    if "gradient_clipping" in cfg or train.max_norm is not None:
+        cfg["gradient_clipping"] = _pick(
+            cfg.get("gradient_clipping", AUTO), train.max_norm, DEFAULT_MAX_NORM, "gradient_clipping",
+            "train.max_norm", source, problems,
+        )  # fmt: skip
 
 
 def _resolve_lr(cfg: dict[str, Any], source: str, run: RunConfig, problems: Problems) -> float:

@@ -79,6 +79,20 @@ def updates_withheld(engine: Any) -> Iterator[None]:
         del opt.step
 
 
+def set_gradient_clipping(engine: Any, max_norm: float) -> None:
+    """Change a built engine's clipping threshold (0: no clipping).
+
+    DeepSpeed 0.19.8 takes `gradient_clipping` once, when the engine is built: ZeRO-0 in fp32 clips with
+    the engine's `_config.gradient_clipping` at each step, and every optimizer wrapper (ZeRO 1-3, bf16,
+    fp16) keeps its own copy as `clip_grad` (ZeRO 1-2 also save it in, and restore it from, checkpoints).
+    Both are set, before every update, by the caller that needs clipping to start later in the run.
+    """
+    engine._config.gradient_clipping = max_norm
+    for opt in optimizer_chain(engine):
+        if hasattr(opt, "clip_grad"):
+            opt.clip_grad = max_norm
+
+
 def start_schedule_at_zero(scheduler: Any) -> None:
     """DeepSpeed's schedulers start at iteration -1 and apply its value (lr 0) to the first update and
     iteration 0's to the second, so two updates are lost at lr 0. Starting at 0 makes step k use

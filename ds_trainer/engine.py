@@ -10,8 +10,11 @@ from ds_trainer.ds_config import ResolvedDSConfig
 from ds_trainer.model import GPT, GPTConfig
 
 
-def parameter_groups(model: nn.Module) -> list[dict]:
-    """Weight decay only on matrices of linear layers: biases, LayerNorm weights and embeddings get none."""
+def parameter_groups(model: nn.Module, decay_all: bool = False) -> list[dict]:
+    """Weight decay only on matrices of linear layers: biases, LayerNorm weights and embeddings get none.
+    With `decay_all`, one group that decays everything (the books' `AdamW(model.parameters())`)."""
+    if decay_all:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
     decay, no_decay, seen = [], [], set()
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
@@ -57,9 +60,11 @@ def data_parallel_coords(engine: deepspeed.DeepSpeedEngine) -> tuple[int, int]:
     return engine.global_rank, engine.world_size
 
 
-def build_engine(model: nn.Module, ds: ResolvedDSConfig) -> deepspeed.DeepSpeedEngine:
+def build_engine(
+    model: nn.Module, ds: ResolvedDSConfig, decay_all: bool = False
+) -> deepspeed.DeepSpeedEngine:
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=parameter_groups(model), config=ds.config
+        model=model, model_parameters=parameter_groups(model, decay_all), config=ds.config
     )
     ds_internals.start_schedule_at_zero(scheduler)
     return engine

@@ -36,6 +36,9 @@ class GPTConfig:
     """Bias in the fused query/key/value projection (GPT-2 has one)."""
     tie_embeddings: bool = True
     """Share the LM head's weight with the token embedding, as GPT-2 does."""
+    init: str = "gpt2"
+    """Initial weights: "gpt2" (normal, std 0.02, residual projections scaled by 1/sqrt(2 n_layer)) or
+    "torch" (each module's PyTorch default, as the from-scratch books' model starts)."""
 
     @classmethod
     def from_preset(cls, name: str, **overrides: object) -> GPTConfig:
@@ -53,6 +56,8 @@ class GPTConfig:
             out.append(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in INIT_SCHEMES:
+            out.append(f"model.init {self.init!r} is unknown; choose one of {', '.join(INIT_SCHEMES)}")
         return out
 
     def to_dict(self) -> dict:
@@ -69,37 +74,63 @@ PRESETS: dict[str, GPTConfig] = {
 }
 
 
-def init_gpt_weights(root: nn.Module, prefix: str, n_layer: int, skip: tuple[nn.Module, ...] = ()) -> None:
-    """GPT-2 initialisation, drawn per module from a generator keyed by the module's name and torch's seed.
+INIT_SCHEMES = ("gpt2", "torch")
+
+
+def init_weights(root: nn.Module, prefix: str, config: GPTConfig, skip: tuple[nn.Module, ...] = ()) -> None:
+    """The initial weights of config.init, drawn per module from a generator keyed by the module's name and
+    torch's seed.
 
     Keying by name (wte, h.3.mlp.c_fc, ...) gives a module the same weights whoever builds it: the
     whole model, one pipeline stage, or every rank under ZeRO-3 (where DeepSpeed gathers each module's
-    parameters around `apply`).
+    parameters around `apply`). Values are drawn on the CPU whatever the device (zero.Init makes tensors
+    on the GPU unless told otherwise), so every layout starts from the same weights.
     """
     base = torch.initial_seed()
     names = {id(m): name for name, m in root.named_modules(prefix=prefix)}
+    draw = _gpt2_init if config.init == "gpt2" else _torch_init
 
     def init(module: nn.Module) -> None:
         if module in skip or not isinstance(module, nn.Linear | nn.Embedding) or module.weight.is_meta:
             return  # meta tensors (shape-only models for planning) hold no values to draw
         key = hashlib.blake2b(f"{base}:{names[id(module)]}".encode(), digest_size=8).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
-        std = 0.02
-        # GPT-2 scales the projections that write into the residual stream so that its variance does
-        # not grow with depth (two such writes per block).
-        if getattr(module, "is_residual_projection", False):
-            std = 0.02 / math.sqrt(2 * n_layer)
-        # Drawn on the CPU whatever the device (zero.Init makes tensors on the GPU unless told
-        # otherwise): ZeRO-3 builds on the GPU, the others on the CPU, and all start from the same weights.
-        w = torch.empty(module.weight.shape, dtype=torch.float32, device="cpu").normal_(
-            0.0, std, generator=gen
-        )
+        weight, bias = draw(module, config.n_layer, gen)
         with torch.no_grad():
-            module.weight.copy_(w)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+            module.weight.copy_(weight)
+            if bias is not None:
+                module.bias.copy_(bias)
 
     root.apply(init)
+
+
+def _gpt2_init(
+    module: nn.Module, n_layer: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """GPT-2's: normal(0, 0.02) weights, zero biases."""
+    std = 0.02
+    # GPT-2 scales the projections that write into the residual stream so that its variance does
+    # not grow with depth (two such writes per block).
+    if getattr(module, "is_residual_projection", False):
+        std = 0.02 / math.sqrt(2 * n_layer)
+    weight = torch.empty(module.weight.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+    has_bias = isinstance(module, nn.Linear) and module.bias is not None
+    return weight, torch.zeros(module.bias.shape) if has_bias else None
+
+
+def _torch_init(
+    module: nn.Module, n_layer: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """PyTorch's defaults (reset_parameters): Embedding normal(0, 1); Linear weight and bias uniform in
+    ±1/sqrt(fan_in), which is what kaiming_uniform_(a=sqrt(5)) gives the weight."""
+    if isinstance(module, nn.Embedding):
+        return torch.empty(module.weight.shape).normal_(0.0, 1.0, generator=gen), None
+    bound = 1.0 / math.sqrt(module.in_features)
+    weight = torch.empty(module.weight.shape).uniform_(-bound, bound, generator=gen)
+    bias = (
+        None if module.bias is None else torch.empty(module.bias.shape).uniform_(-bound, bound, generator=gen)
+    )
+    return weight, bias
 
 
 class CausalSelfAttention(nn.Module):
@@ -169,7 +200,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.checkpoint_fn: Callable | None = None
         """Set (e.g. to deepspeed.checkpointing.checkpoint) to recompute each block in backward."""
-        init_gpt_weights(self, "", config.n_layer, skip=(self.lm_head,) if config.tie_embeddings else ())
+        init_weights(self, "", config, skip=(self.lm_head,) if config.tie_embeddings else ())
 
     def num_parameters(self, exclude_position_embedding: bool = False) -> int:
         # Under ZeRO-3 a parameter's own tensor is empty; ds_numel keeps its full size.

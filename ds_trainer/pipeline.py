@@ -18,7 +18,7 @@ from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
 from ds_trainer import ds_internals
 from ds_trainer.errors import DsTrainerError
-from ds_trainer.model import Block, GPTConfig, init_gpt_weights
+from ds_trainer.model import Block, GPTConfig, init_weights
 
 
 class EmbeddingPipe(nn.Module):
@@ -157,12 +157,12 @@ class GPTPipeline(ds_internals.pipeline_module_with_bounds()):
         """Give each local layer the weights the plain GPT draws for the module of the same name."""
         for key, module in self.tied_modules.items():
             if key == "embed":
-                init_gpt_weights(module, "", cfg.n_layer)
+                init_weights(module, "", cfg)
         layers = LayerMap(cfg.n_layer)
         for idx in self.local_layer_indices():
             module = getattr(self, str(idx), None)
             if module is not None:
-                init_gpt_weights(module, layers.gpt_name(idx), cfg.n_layer)
+                init_weights(module, layers.gpt_name(idx), cfg)
 
 
 def train_step(

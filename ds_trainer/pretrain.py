@@ -162,7 +162,8 @@ def build_trainer(
 ) -> Trainer:
     """Collective: the engine and every component of the loop, resumed when a checkpoint was chosen."""
     seed_everything(run.train.seed)  # the same initial weights on every rank
-    engine = build_engine(build_model(inputs.gpt_config, ds, run.pipeline.partition), ds)
+    model = build_model(inputs.gpt_config, ds, run.pipeline.partition)
+    engine = build_engine(model, ds, run.train.decay_all_parameters)
     seed_everything(run.train.seed + 1 + rank)  # different dropout draws per rank
     dp_rank, dp_size = data_parallel_coords(engine)
     stream = SampleStream(inputs.train_data.sizes(), inputs.weights, run.train.seed)
@@ -174,7 +175,7 @@ def build_trainer(
         inputs.faults,
     )  # fmt: skip
     checkpointer.resume()
-    step = build_step(engine, ds, inputs.train_data, group, guard, inputs.faults)
+    step = build_step(engine, ds, inputs.train_data, group, guard, inputs.faults, run.train.clip_from_step)
     if isinstance(step, PipelineStep):
         metrics.print_line(
             "loss guard off: the pipeline engine updates inside one call, so no update can be withheld"

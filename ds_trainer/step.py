@@ -132,10 +132,13 @@ class DataParallelStep(ModelRunner):
         group: Group,
         guard: LossGuard,
         faults: Faults,
+        clip_from_step: int = 0,
     ) -> None:
         super().__init__(engine, ds, train_data, group)
         self.guard = guard
         self.faults = faults
+        self.clip_from_step = clip_from_step
+        self.max_norm = engine.gradient_clipping()  # the threshold DeepSpeed read from the JSON
         # Stage 0 in fp32 clips with torch and discards the norm, so the step measures it itself.
         self.own_grad_norm = ds.zero_stage == 0 and not (ds.fp16 or ds.bf16)
 
@@ -146,6 +149,9 @@ class DataParallelStep(ModelRunner):
         lr_kwargs = None
         if batch.schedule_iteration is not None:
             lr_kwargs = {"last_batch_iteration": batch.schedule_iteration}
+        if self.clip_from_step:  # step k of the books' count (from 0) is our step k + 1
+            clipping = self.max_norm if batch.step - 1 >= self.clip_from_step else 0.0
+            ds_internals.set_gradient_clipping(self.engine, clipping)
         mean = self._forward_backward(batch, lr_kwargs)
         norm = self._grad_norm() if grad_norm and self.own_grad_norm else None
         withheld = self._update(mean, lr_kwargs, batch)
@@ -258,9 +264,15 @@ class PipelineStep(ModelRunner):
 
 
 def build_step(
-    engine: Any, ds: ResolvedDSConfig, train_data: WindowSet, group: Group, guard: LossGuard, faults: Faults
+    engine: Any,
+    ds: ResolvedDSConfig,
+    train_data: WindowSet,
+    group: Group,
+    guard: LossGuard,
+    faults: Faults,
+    clip_from_step: int = 0,
 ) -> DataParallelStep | PipelineStep:
-    """The strategy for this engine, chosen once."""
+    """The strategy for this engine, chosen once (the run config refuses clip_from_step with a pipeline)."""
     if ds_internals.is_pipeline_engine(engine):
         return PipelineStep(engine, ds, train_data, group)
-    return DataParallelStep(engine, ds, train_data, group, guard, faults)
+    return DataParallelStep(engine, ds, train_data, group, guard, faults, clip_from_step)

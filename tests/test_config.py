@@ -347,3 +347,11 @@ def test_every_run_config_field_has_a_docstring():
                 if not documented:
                     missing.append(f"{cls.name}.{node.target.id}")
     assert len(sections) == 8 and not missing, missing
+
+
+def test_clip_from_step_must_be_a_step_and_is_refused_with_a_pipeline():
+    with pytest.raises(ConfigError, match="train.clip_from_step must be >= 0, got -1"):
+        load_run_config(None, ["--train.clip_from_step", "-1"])
+    with pytest.raises(ConfigError, match="train.clip_from_step=5 with pipeline.stages=2"):
+        load_run_config(None, ["--train.clip_from_step", "5", "--pipeline.stages", "2"])
+    assert load_run_config(None, ["--train.clip_from_step", "5"]).train.clip_from_step == 5

@@ -718,3 +718,28 @@ def test_folder_problems_of_a_run(tmp_path):
     cfg = run("--checkpoint.dir", str(blocked), "--log.jsonl", str(blocked / "m.jsonl"))
     assert [m.split("=")[0] for m in folder_problems(cfg, 0)] == ["checkpoint.dir", "log.jsonl"]
     assert [m.split("=")[0] for m in folder_problems(cfg, 1)] == ["checkpoint.dir"]
+
+
+def test_weight_decay_and_max_norm_fill_the_json_like_every_auto_value():
+    """train.weight_decay / train.max_norm fill "auto" or absent keys; a number they contradict is named."""
+
+    def resolved(raw, *overrides):
+        return resolve(raw, "ds.json", load_run_config(None, list(overrides)), 1, 1000, "cpu").config
+
+    default = resolved(DEFAULT_DS_CONFIG)
+    assert (default["optimizer"]["params"]["weight_decay"], default["gradient_clipping"]) == (0.1, 1.0)
+    book = resolved(DEFAULT_DS_CONFIG, "--train.weight_decay", "0.05", "--train.max_norm", "0")
+    assert (book["optimizer"]["params"]["weight_decay"], book["gradient_clipping"]) == (0.05, 0)
+    bare = {k: v for k, v in DEFAULT_DS_CONFIG.items() if k != "gradient_clipping"}
+    bare["optimizer"] = {"type": "AdamW", "params": {"lr": "auto"}}
+    assert "gradient_clipping" not in resolved(bare)  # absent and unset: DeepSpeed's own default, as before
+    filled = resolved(bare, "--train.max_norm", "0.5", "--train.weight_decay", "0")
+    assert (filled["optimizer"]["params"]["weight_decay"], filled["gradient_clipping"]) == (0, 0.5)
+    numbers = {**DEFAULT_DS_CONFIG, "gradient_clipping": 1.0}
+    numbers["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": 0.1}}
+    with pytest.raises(DsTrainerError) as e:
+        resolved(numbers, "--train.max_norm", "2", "--train.weight_decay", "0.2")
+    assert "ds.json: gradient_clipping=1.0 disagrees with train.max_norm=2.0" in str(e.value)
+    assert "optimizer.params.weight_decay=0.1 disagrees with train.weight_decay=0.2" in str(e.value)
+    with pytest.raises(DsTrainerError, match="train.max_norm must be >= 0, got -1"):
+        load_run_config(None, ["--train.max_norm", "-1"])

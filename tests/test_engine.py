@@ -42,6 +42,15 @@ def test_every_parameter_exactly_once(tie):
     assert sum(p.numel() for p in decay["params"] + no_decay["params"]) == model.num_parameters()
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_decay_all_parameters_is_one_group_of_every_parameter(tie):
+    """train.decay_all_parameters: the books' AdamW(model.parameters()), every weight decayed once."""
+    model = GPT(replace(TINY, tie_embeddings=tie))
+    (group,) = parameter_groups(model, decay_all=True)
+    assert "weight_decay" not in group  # the optimizer's weight decay for all
+    assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]
+
+
 def test_tied_model_groups():
     model = GPT(TINY)
     decay, no_decay = group_names(model)

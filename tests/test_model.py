@@ -180,6 +180,43 @@ def test_init_statistics():
             assert torch.equal(p, expected), name
 
 
+def test_torch_init_is_each_modules_pytorch_default():
+    """model.init torch: what reset_parameters() draws (the books' model), keyed per module like gpt2's."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=1000, block_size=64, n_layer=2, n_head=4, n_embd=256, init="torch")
+    model = GPT(cfg)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            bound = 1 / math.sqrt(module.in_features)  # kaiming_uniform_(a=sqrt(5)) and the bias default
+            for p in (module.weight, module.bias):
+                if p is None or (module is model.lm_head and cfg.tie_embeddings):
+                    continue
+                assert p.abs().max().item() <= bound, name
+                assert p.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1), name  # uniform
+    assert model.wte.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    assert model.wpe.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    assert torch.equal(model.h[1].ln_1.weight, torch.ones(256))
+    gpt2 = GPT(replace(cfg, init="gpt2"))
+    assert gpt2.wte.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+@pytest.mark.parametrize("init", ["gpt2", "torch"])
+def test_a_module_gets_the_same_weights_whoever_builds_it(init):
+    """A pipeline stage initialises only its layers, under their names in the plain GPT: equal weights."""
+    from ds_trainer.model import Block, init_weights
+
+    cfg = GPTConfig(vocab_size=100, block_size=16, n_layer=3, n_head=2, n_embd=16, init=init)
+    torch.manual_seed(7)
+    model = GPT(cfg)
+    torch.manual_seed(7)
+    alone = Block(cfg)
+    init_weights(alone, "h.2", cfg)
+    for (name, got), want in zip(alone.named_parameters(), model.h[2].parameters(), strict=True):
+        assert torch.equal(got, want), name
+    torch.manual_seed(8)
+    assert not torch.equal(GPT(cfg).h[2].mlp.c_fc.weight, model.h[2].mlp.c_fc.weight)  # keyed by the seed too
+
+
 # --- forward and loss -------------------------------------------------------------------------------------
 
 
