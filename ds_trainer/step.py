@@ -114,11 +114,12 @@ class ModelRunner:
         self.train_data = train_data
         self.group = group
         self.device = group.device
+        self.fp16 = ds.fp16
 
     def _loss_scale(self) -> float | None:
         # `loss_scale` is the property every fp16 optimizer of DeepSpeed has (ZeRO-0's FP16_Optimizer has
         # no `cur_scale`).
-        return float(self.engine.optimizer.loss_scale) if self.ds.fp16 else None
+        return float(self.engine.optimizer.loss_scale) if self.fp16 else None
 
 
 class DataParallelStep(ModelRunner):
@@ -138,6 +139,8 @@ class DataParallelStep(ModelRunner):
         self.guard = guard
         self.faults = faults
         self.clip_from_step = clip_from_step
+        # The object, not its param_groups: loading a checkpoint replaces that list.
+        self.optimizer = ds_internals.innermost_optimizer(engine)
         self.max_norm = engine.gradient_clipping()  # the threshold DeepSpeed read from the JSON
         # Stage 0 in fp32 clips with torch and discards the norm, so the step measures it itself.
         self.own_grad_norm = ds.zero_stage == 0 and not (ds.fp16 or ds.bf16)
@@ -155,7 +158,7 @@ class DataParallelStep(ModelRunner):
         mean = self._forward_backward(batch, lr_kwargs)
         norm = self._grad_norm() if grad_norm and self.own_grad_norm else None
         withheld = self._update(mean, lr_kwargs, batch)
-        self.guard.scale_lr(ds_internals.innermost_optimizer(self.engine).param_groups, batch.step + 1)
+        self.guard.scale_lr(self.optimizer.param_groups, batch.step + 1)
         if grad_norm and withheld is None and not self.own_grad_norm:
             norm = self.engine.get_global_grad_norm()
         return StepResult(

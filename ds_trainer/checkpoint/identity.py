@@ -8,6 +8,7 @@ change is reported as accepted.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -154,6 +155,7 @@ def layout_of(ds: ResolvedDSConfig, world: int) -> dict[str, int]:
     }
 
 
+@functools.cache  # asked once per process: every save writes it, and resume compares before the engine exists
 def git_commit() -> str | None:
     """The project's commit when it runs from a git checkout; None for an installed copy."""
     try:
@@ -165,6 +167,7 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+@functools.cache
 def package_versions() -> dict[str, str]:
     import deepspeed
     import numpy as np
