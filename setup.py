@@ -19,6 +19,17 @@ setup(
     extras_require={
         # transformers: the GPT-2 equivalence and export tests load Hugging Face models.
         # pytest-random-order: the suite is run in shuffled order now and then (-p random_order).
-        "test": ["pytest>=8", "pytest-random-order>=1.1", "transformers>=4.40", "ruff>=0.6"],
+        "test": [
+            "pytest>=8",
+            "pytest-random-order>=1.1",
+            "transformers>=4.40",
+            "ruff>=0.6",
+            "matplotlib>=3.7",
+            "wandb>=0.17",
+        ],
+        # launch/plot.py draws the training curves (loss against epochs and tokens, learning rate) as a PNG.
+        "plot": ["matplotlib>=3.7"],
+        # log.wandb_project: a Weights & Biases sink beside TensorBoard (WANDB_MODE=offline needs no network).
+        "wandb": ["wandb>=0.17"],
     },
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 import types
 import typing
@@ -54,6 +55,10 @@ class ModelSection:
     init: str = "gpt2"
     """Initial weights: gpt2 (normal, std 0.02, scaled residual projections) or torch (each module's PyTorch
     default, as the from-scratch books' model). The same weights under every ZeRO stage and pipeline layout."""
+    init_from: str = ""
+    """Warm start: a Hugging Face GPT-2 folder (config.json with model.safetensors or pytorch_model.bin) or a
+    model.safetensors written by launch/export.py, loaded as the initial weights (a fresh start only; a resume
+    takes its checkpoint's). Every tensor must match the configured model's shape. Empty: model.init."""
 
     def gpt_config(self) -> GPTConfig:
         sizes = {
@@ -214,9 +219,10 @@ class PipelineSection:
 @dataclass
 class EvalSection:
     interval: int = 100
-    """Steps between evaluations (and at the last step); 0 disables evaluation."""
+    """Steps between evaluations, which also run after the first update and at the last step; 0 disables
+    evaluation."""
     iters: int = 10
-    """Validation micro-batches per rank in one evaluation."""
+    """Micro-batches per rank of each split (training and validation) in one evaluation."""
     sample_prompt: str = "The meaning of"
     """Prompt continued by the model at each evaluation; empty disables sampling."""
     sample_tokens: int = 32
@@ -225,6 +231,9 @@ class EvalSection:
     """Sampling temperature; 0 is greedy."""
     top_k: int = 50
     """Sample from the k most likely tokens; 0 for all."""
+    sample_every_epoch: bool = False
+    """Sample at the end of every epoch instead of at every evaluation (the books' loop prints one after each
+    epoch)."""
 
     def problems(self) -> list[str]:
         out = _below("eval", self, ("interval", "sample_tokens", "top_k"), 0)
@@ -244,6 +253,12 @@ class CheckpointSection:
     """Checkpoints kept: the newest keep_last (0 keeps all); older ones are deleted after each save."""
     keep_every: int = 0
     """Also keep for good every checkpoint whose step is a multiple of this (0: none)."""
+    save_every_epoch: bool = False
+    """Also save at the step that ends each epoch of the training windows."""
+    resume_from: str | None = None
+    """Resume from this checkpoint of dir (a tag like step_00000060, or its step number) instead of the newest.
+    Newer checkpoints are moved to dir/branched/ (kept, never deleted) and the run says it branched; a restart
+    of the branch resumes from the branch's newest checkpoint."""
     verify: str = "checksum"
     """Resume check of the newest checkpoint: checksum (every file's size and CRC-32, one full read, shared
     by the ranks) or size (presence and sizes only, for checkpoints too large to read at start-up)."""
@@ -254,6 +269,8 @@ class CheckpointSection:
             out.append("checkpoint.dir must not be empty")
         if self.verify not in ("checksum", "size"):
             out.append(f"checkpoint.verify must be checksum or size, got {self.verify!r}")
+        if self.resume_from is not None and not self.resume:
+            out.append("checkpoint.resume_from is set but checkpoint.resume is false; remove one of them")
         return out
 
 
@@ -291,9 +308,22 @@ class LogSection:
     """TensorBoard event folder; default <checkpoint.dir>/tb. Empty string disables TensorBoard."""
     jsonl: str | None = None
     """Metrics as JSON lines; default <checkpoint.dir>/metrics.jsonl. Empty string disables it."""
+    wandb_project: str = ""
+    """Weights & Biases project: adds a wandb sink (rank 0) with the same scalars and samples. Needs the
+    extra: pip install -e .[wandb]. WANDB_MODE=offline logs with no network. Empty: no wandb."""
+    wandb_entity: str = ""
+    """Weights & Biases entity (user or team); empty: wandb's default."""
+    wandb_run_name: str = ""
+    """Weights & Biases run name; empty: the run folder's name."""
 
     def problems(self) -> list[str]:
-        return _below("log", self, ("interval",), 1)
+        out = _below("log", self, ("interval",), 1)
+        if self.wandb_project and importlib.util.find_spec("wandb") is None:
+            out.append(
+                f"log.wandb_project={self.wandb_project!r} needs wandb, which is not installed; "
+                "pip install -e .[wandb] or remove log.wandb_project"
+            )
+        return out
 
 
 @dataclass

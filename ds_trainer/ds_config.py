@@ -18,6 +18,7 @@ from typing import Any
 
 from ds_trainer.config import RunConfig
 from ds_trainer.data.sampler import BatchRampup
+from ds_trainer.ds_internals import COSINE_FROM
 from ds_trainer.ds_rules import AUTO, top_level_key_problems
 from ds_trainer.ds_validate import (
     MIN_WARMUP_STEPS,
@@ -343,6 +344,7 @@ def _resolve_optimizer_and_schedule(
     peak = _resolve_lr(cfg, source, run, problems)
     _resolve_regularisation(cfg, source, run, problems)
     seed_style = any(v is not None for v in (train.initial_lr, train.min_lr, train.warmup_steps))
+    books_schedule = seed_style or train.peak_lr is not None
     sched = cfg.get("scheduler")
     if sched is None:
         if seed_style:
@@ -362,7 +364,10 @@ def _resolve_optimizer_and_schedule(
                 problems.add(
                     f'{source}: scheduler.params.{key} is "auto", which is filled only for WarmupCosineLR'
                 )
+        if COSINE_FROM in sched:
+            problems.add(f"{source}: scheduler.{COSINE_FROM} applies to WarmupCosineLR only; remove it")
         return
+    _resolve_cosine_from(sched, source, books_schedule, problems)
     params = sched.setdefault("params", {})
     _resolve_warmup_cosine(params, source, run, peak, total_steps, problems)
     if seed_style and params.get("warmup_type", "linear") != "linear":
@@ -371,6 +376,24 @@ def _resolve_optimizer_and_schedule(
             'describe a linear warm-up; set warmup_type to "linear"'
         )
     params.setdefault("warmup_type", "linear")
+
+
+def _resolve_cosine_from(sched: dict[str, Any], source: str, books: bool, problems: Problems) -> None:
+    """Where WarmupCosineLR's cosine counts from: the books' formula (from the warm-up's end) when the run
+    config sets the schedule (train.initial_lr/peak_lr/min_lr/warmup_steps), DeepSpeed's own count otherwise."""
+    given, want = sched.get(COSINE_FROM, AUTO), "warmup_end" if books else "deepspeed"
+    if _is_auto(given):
+        sched[COSINE_FROM] = want
+    elif given not in ("warmup_end", "deepspeed"):
+        problems.add(
+            f'{source}: scheduler.{COSINE_FROM}={given!r} must be "warmup_end" (the books\' formula), "deepspeed" '
+            'or "auto"'
+        )
+    elif books and given != want:
+        problems.add(
+            f'{source}: scheduler.{COSINE_FROM}="deepspeed" disagrees with the train.initial_lr/peak_lr/min_lr/'
+            'warmup_steps set in the run config, which follow the books\' formula; set it to "warmup_end" or "auto"'
+        )
 
 
 def _resolve_regularisation(cfg: dict[str, Any], source: str, run: RunConfig, problems: Problems) -> None:

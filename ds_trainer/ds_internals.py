@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,45 @@ def schedule_position(scheduler: Any, default: float) -> float:
     return getattr(scheduler, "last_batch_iteration", default)
 
 
+COSINE_FROM = "cosine_from"
+"""The key in the JSON's scheduler section saying where WarmupCosineLR's cosine counts from (ds_trainer's; DeepSpeed
+reads only `type` and `params`): "warmup_end" (the books' formula) or "deepspeed" (DeepSpeed's own count)."""
+
+
+@functools.cache
+def _cosine_from_warmup_end() -> type:
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    class CosineFromWarmupEnd(WarmupCosineLR):
+        """DeepSpeed's WarmupCosineLR with the books' cosine: iteration k >= w is at progress (k - w) / (T - w),
+        so the first step after the warm-up trains at the peak and the last step before T above min_lr.
+        DeepSpeed's counts (k - w + 1), one step further along. The warm-up, the parameters and the state
+        (`last_batch_iteration`) are DeepSpeed's, so checkpoints of either load in the other."""
+
+        def get_lr_ratio(self) -> float:
+            k, w = self.last_batch_iteration, self.warmup_num_steps
+            if k < w:
+                return super().get_lr_ratio()
+            progress = min(1.0, (k - w) / max(1, self.total_num_steps - w))
+            cosine = (1 + math.cos(math.pi * progress)) / 2
+            return max(0.0, self.cos_min_ratio + (1.0 - self.cos_min_ratio) * cosine)
+
+    return CosineFromWarmupEnd
+
+
+def client_scheduler(config: dict[str, Any]) -> Callable[[Any], Any] | None:
+    """What to hand deepspeed.initialize as `lr_scheduler` (DeepSpeed calls it with the optimizer): the books'
+    cosine when the resolved JSON's scheduler says `"cosine_from": "warmup_end"`, else None (DeepSpeed builds
+    the JSON's scheduler itself). Built from the JSON's own params, so the JSON stays what ran."""
+    sched = config.get("scheduler") or {}
+    if sched.get(COSINE_FROM) != "warmup_end":
+        return None
+    cls, params = _cosine_from_warmup_end(), dict(sched.get("params", {}))
+    return lambda optimizer: cls(optimizer, **params)
+
+
 def schedule_lr(config: dict[str, Any], iteration: float) -> float | None:
-    """The learning rate DeepSpeed's configured scheduler gives at `iteration`, from a fresh instance of it."""
+    """The learning rate the configured scheduler gives at `iteration`, from a fresh instance of it."""
     from deepspeed.runtime import lr_schedules
 
     sched = config.get("scheduler")
@@ -115,7 +153,10 @@ def schedule_lr(config: dict[str, Any], iteration: float) -> float | None:
     if not sched or lr is None:
         return None
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
-    scheduler = getattr(lr_schedules, sched["type"])(opt, **sched.get("params", {}))
+    build = client_scheduler(config) or (
+        lambda o: getattr(lr_schedules, sched["type"])(o, **sched.get("params", {}))
+    )
+    scheduler = build(opt)
     scheduler.step(iteration)
     return float(scheduler.get_lr()[0])
 

@@ -15,6 +15,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from ds_trainer.ds_internals import (
+    COSINE_FROM,
     builtin_optimizer_names,
     config_section_models,
     deepspeed_scheduler_class,
@@ -360,7 +361,7 @@ def scheduler_problems(cfg: dict[str, Any], source: str, run: RunConfig, steps: 
     if sched is None:
         return []
     name, params = sched.get("type"), sched.get("params", {})
-    out = unknown_key_problems(sched, ("type", "params"), "scheduler.", source, "DeepSpeed")
+    out = unknown_key_problems(sched, ("type", "params", COSINE_FROM), "scheduler.", source, "DeepSpeed")
     cls, cosine = scheduler_class(name), name == "WarmupCosineLR"
     if cls is None:  # its parameters mean nothing until the type is known
         valid = valid_schedule_names()

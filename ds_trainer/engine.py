@@ -64,7 +64,10 @@ def build_engine(
     model: nn.Module, ds: ResolvedDSConfig, decay_all: bool = False
 ) -> deepspeed.DeepSpeedEngine:
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=parameter_groups(model, decay_all), config=ds.config
+        model=model,
+        model_parameters=parameter_groups(model, decay_all),
+        config=ds.config,
+        lr_scheduler=ds_internals.client_scheduler(ds.config),  # None: DeepSpeed builds the JSON's
     )
     ds_internals.start_schedule_at_zero(scheduler)
     return engine

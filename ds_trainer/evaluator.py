@@ -1,14 +1,17 @@
-"""Evaluation and sampling every `eval.interval` steps and at the last step.
+"""Evaluation and sampling: after the first update, every `eval.interval` steps and at the last step.
 
-The validation loss is the mean over `eval.iters` micro-batches per rank, the same windows every time,
-so evaluations are comparable along the run. The sample continues `eval.sample_prompt` with a generator
-seeded by the run's seed and the step: every rank draws the same tokens (ZeRO-3 gathers weights
-collectively, so every rank must generate).
+As the from-scratch books evaluate: the model in eval mode, the training loss and the validation loss,
+each the mean over `eval.iters` micro-batches per rank of fixed windows (the first of each split, the
+same every time), so evaluations are comparable along the run. The sample continues
+`eval.sample_prompt` with a generator seeded by the run's seed and the step: every rank draws the same
+tokens (ZeRO-3 gathers weights collectively, so every rank must generate). It comes with each
+evaluation, or with `eval.sample_every_epoch` at the end of each epoch instead, as the books' loop.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,48 +33,62 @@ class Evaluator:
     def __init__(
         self,
         runner: DataParallelStep | PipelineStep,
-        val_data: WindowSet | None,
+        data: tuple[WindowSet, WindowSet | None],
         settings: EvalSection,
         seed: int,
         total_steps: int,
-        dp_rank: int,
-        dp_size: int,
+        dp: tuple[int, int],
+        position: Callable[[], dict[str, float]],
         metrics: Metrics,
         watchdog: Watchdog,
     ) -> None:
         self.runner = runner
-        self.val_data = val_data
+        self.train_data, self.val_data = data
         self.settings = settings
         self.seed = seed
         self.total_steps = total_steps
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
+        self.dp_rank, self.dp_size = dp
+        self.position = position
         self.metrics = metrics
         self.watchdog = watchdog
 
     def is_due(self, step: int) -> bool:
         every = self.settings.interval
-        return self.val_data is not None and every > 0 and (step % every == 0 or step == self.total_steps)
+        due = step == 1 or step % every == 0 or step == self.total_steps if every > 0 else False
+        return self.val_data is not None and due
 
-    def maybe_run(self, step: int) -> None:
-        if not self.is_due(step):
-            return
-        self.watchdog.beat()
-        val_loss = self.evaluate()
-        ppl = math.exp(min(val_loss, PERPLEXITY_CAP))
-        self.metrics.scalars(step, {"val/loss": val_loss, "val/perplexity": ppl})
-        self.metrics.print_line(f"eval step {step} | val loss {val_loss:.3f} | perplexity {ppl:,.1f}")
-        if self.settings.sample_prompt and self.settings.sample_tokens:
-            text = self.sample(step)
-            self.metrics.text(step, "samples/text", text)
-            self.metrics.print_line(f"sample step {step} | {text!r}")
+    def maybe_run(self, step: int, epoch_end: bool) -> None:
+        sampling = bool(self.settings.sample_prompt and self.settings.sample_tokens)
+        if self.is_due(step):
+            self.watchdog.beat()
+            self.report_losses(step)
+            if sampling and not self.settings.sample_every_epoch:
+                self.report_sample(step)
+        if sampling and self.settings.sample_every_epoch and epoch_end:
+            self.watchdog.beat()
+            self.report_sample(step)
 
-    def evaluate(self) -> float:
-        """Mean validation loss over eval.iters micro-batches per rank (each data-parallel rank its own windows)."""
+    def report_losses(self, step: int) -> None:
         assert self.val_data is not None
+        train_loss, val_loss = self.mean_loss(self.train_data), self.mean_loss(self.val_data)
+        ppl = math.exp(min(val_loss, PERPLEXITY_CAP))
+        scalars = {"eval/train_loss": train_loss, "val/loss": val_loss, "val/perplexity": ppl}
+        self.metrics.scalars(step, {**scalars, **self.position()})
+        self.metrics.print_line(
+            f"eval step {step} | train loss {train_loss:.3f} | val loss {val_loss:.3f} | perplexity {ppl:,.1f}"
+        )
+
+    def report_sample(self, step: int) -> None:
+        text = self.sample(step)
+        self.metrics.text(step, "samples/text", text)
+        self.metrics.print_line(f"sample step {step} | {text!r}")
+
+    def mean_loss(self, data: WindowSet) -> float:
+        """Mean loss in eval mode over eval.iters micro-batches per rank of `data`'s first windows (each
+        data-parallel rank its own)."""
         mb = self.runner.ds.micro_batch_size
         batches = [
-            self.val_data.batch(self.val_data.eval_ids((it * self.dp_size + self.dp_rank) * mb, mb))
+            data.batch(data.eval_ids((it * self.dp_size + self.dp_rank) * mb, mb))
             for it in range(self.settings.iters)
         ]
         engine = self.runner.engine

@@ -103,6 +103,43 @@ def to_huggingface(state: dict[str, torch.Tensor], cfg: GPTConfig) -> tuple[dict
     return out, hf_config
 
 
+# Hugging Face GPT-2's attention-mask buffers, which older transformers saved with the weights: not parameters.
+_HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
+
+
+def hf_name_to_ours(hf_name: str) -> str | None:
+    """Our GPT's name for a tensor of transformers' GPT2LMHeadModel (or of GPT2Model, whose names have no
+    `transformer.` prefix, as the original GPT-2 files on the Hub); None for a mask buffer."""
+    if hf_name.endswith(_HF_BUFFERS):
+        return None
+    return hf_name.removeprefix("transformer.")
+
+
+def from_huggingface(hf_state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """to_huggingface's inverse: a GPT2LMHeadModel state dict (any subset of it) under our names and layout.
+
+    The tied head (`lm_head.weight`, which a file may or may not hold) is left to wte.weight. GPT-2 always
+    has the qkv bias: without model.qkv_bias, zeros are the same model and are dropped, anything else is
+    an error. Meta tensors (shapes only) pass that check unread.
+    """
+    state, nonzero = {}, []
+    for k, v in hf_state.items():
+        name = hf_name_to_ours(k)
+        if name is None or (cfg.tie_embeddings and name == "lm_head.weight"):
+            continue
+        if not cfg.qkv_bias and name.endswith("attn.c_attn.bias"):
+            if not v.is_meta and bool(v.count_nonzero()):
+                nonzero.append(k)
+            continue
+        state[name] = v.t().contiguous() if name.endswith(_CONV1D) else v
+    if nonzero:
+        raise DsTrainerError(
+            f"{', '.join(nonzero)} {'is' if len(nonzero) == 1 else 'are'} not zero, but model.qkv_bias is "
+            "false: set model.qkv_bias true to keep the bias"
+        )
+    return state
+
+
 def export(run_dir: str | Path, out: str | Path, tag: str | None = None) -> dict[str, Path]:
     """Write OUT/model.safetensors + OUT/config.json (ours) and OUT/hf/ (Hugging Face GPT-2)."""
     folder = checkpoint_folder(run_dir, tag)

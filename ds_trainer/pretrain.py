@@ -19,7 +19,7 @@ import torch
 from ds_trainer import __version__
 from ds_trainer.checkpoint.checkpointer import Checkpointer
 from ds_trainer.checkpoint.identity import layout_of, run_configs
-from ds_trainer.checkpoint.resume import ResumePlan, convert_if_needed, find_resume
+from ds_trainer.checkpoint.resume import ResumePlan, convert_if_needed, find_resume, newer_than, set_aside
 from ds_trainer.checkpoint.state import Progress
 from ds_trainer.collectives import Group
 from ds_trainer.config import RunConfig
@@ -40,6 +40,7 @@ from ds_trainer.run_folders import folder_problems
 from ds_trainer.step import BatchSource, PipelineStep, build_step
 from ds_trainer.step_log import StepLogger
 from ds_trainer.trainer import Trainer
+from ds_trainer.warm_start import init_from_problems, load_initial_weights
 from ds_trainer.watchdog import Watchdog
 
 
@@ -68,7 +69,7 @@ def pretrain(run: RunConfig, ds_config_path: str | None) -> int:
     init_distributed()
     rank = int(os.environ["RANK"])
     group = Group(inputs.world, accelerator_device())
-    metrics = Metrics.for_rank(rank, run.tensorboard_dir, run.jsonl_path)
+    metrics = Metrics.for_rank(rank, run)
     try:
         ds, resume_plan = choose_resume(run, inputs, group, rank, metrics)
         trainer = build_trainer(run, inputs, ds, resume_plan, group, rank, metrics)
@@ -102,6 +103,8 @@ def check_inputs(run: RunConfig, ds_config_path: str | None) -> Inputs:
     if faults is not None and run.pipeline.stages > 1:
         problems.add(faults.pipeline_problem())
     problems.extend(folder_problems(run, rank))
+    if run.model.init_from:
+        problems.extend(init_from_problems(run.model.init_from, gpt_config))
     problems.raise_if_any()
     train_data, val_data, weights = data
     return Inputs(raw, source, ds, gpt_config, train_data, val_data, weights, world, faults)
@@ -117,11 +120,18 @@ def choose_resume(
     if not run.checkpoint.resume:
         return ds, None
     configs = run_configs(run, ds, inputs.gpt_config, inputs.world)
-    plan = find_resume(run.run_dir, configs, group, rank, run.checkpoint.verify == "checksum")
+    named = run.checkpoint.resume_from
+    plan = find_resume(run.run_dir, configs, group, rank, run.checkpoint.verify == "checksum", named)
     if plan is None:
         return ds, None
     for why in plan.skipped:
         metrics.print_line(f"passed over checkpoint {why}")
+    if named is not None and (newer := newer_than(run.run_dir, plan)):
+        kept = set_aside(run.run_dir, newer, group, rank)
+        metrics.print_line(
+            f"branched from {plan.step_tag} (checkpoint.resume_from): moved the {len(newer)} newer checkpoint(s) "
+            f"{newer[-1]} … {newer[0]} to {kept} (kept)"
+        )
     layout = layout_of(ds, inputs.world)
     if plan.saved_layout != layout:
         ds = resolve(
@@ -163,6 +173,10 @@ def build_trainer(
     """Collective: the engine and every component of the loop, resumed when a checkpoint was chosen."""
     seed_everything(run.train.seed)  # the same initial weights on every rank
     model = build_model(inputs.gpt_config, ds, run.pipeline.partition)
+    if run.model.init_from and resume_plan is None:  # a resume takes the checkpoint's weights instead
+        # Before deepspeed.initialize: ZeRO-1/2 copy their fp32 master weights from the model there.
+        load_initial_weights(model, run.model.init_from, inputs.gpt_config)
+        metrics.print_line(f"initial weights from model.init_from {run.model.init_from}")
     engine = build_engine(model, ds, run.train.decay_all_parameters)
     seed_everything(run.train.seed + 1 + rank)  # different dropout draws per rank
     dp_rank, dp_size = data_parallel_coords(engine)
@@ -192,12 +206,12 @@ def build_trainer(
         faults=inputs.faults,
         evaluator=Evaluator(
             step,
-            inputs.val_data,
+            (inputs.train_data, inputs.val_data),
             run.eval,
             run.train.seed,
             ds.total_steps,
-            dp_rank,
-            dp_size,
+            (dp_rank, dp_size),
+            lambda: {"train/tokens_seen": float(progress.tokens_seen), "train/epoch": sampler.epochs_done},
             metrics,
             watchdog,
         ),

@@ -44,7 +44,11 @@ class StepBatch:
     next_sample: int
     """The global sample position after this step."""
     epoch: int
-    """The epoch (from 1) the sample position is in after this step."""
+    """The epoch (from 1) this step's samples belong to; a step that straddles two belongs to the one it ends."""
+    ends_epoch: bool
+    """Whether this step's samples complete a pass over the training windows."""
+    epochs_done: float
+    """Passes over the training windows (the first dataset of a mixture) completed after this step, e.g. 1.5."""
     schedule_iteration: float | None
     """With a ramp-up, where the schedule stands after this step, in full-batch steps; else None."""
     tokens: int
@@ -85,7 +89,7 @@ class BatchSource:
 
     def next(self, step: int) -> StepBatch:
         """The batch of `step` (the step about to be taken), advancing the sampler past it."""
-        first = self.sampler.consumed
+        first, epoch_before = self.sampler.consumed, self.sampler.epoch
         global_batch = self.schedule.global_batch(first)
         micro_per_rank = self.ds.micro_batch_size * self.ds.data_parallel_size
         micro_batches = self.sampler.next_step(global_batch // micro_per_rank)
@@ -99,7 +103,9 @@ class BatchSource:
             micro_batches=micro_batches,
             first_sample=first,
             next_sample=self.sampler.consumed,
-            epoch=self.sampler.epoch + 1,
+            epoch=epoch_before + 1,
+            ends_epoch=self.sampler.epoch > epoch_before,
+            epochs_done=self.sampler.epochs_done,
             schedule_iteration=iteration,
             tokens=global_batch * self.context_length,
         )

@@ -1,6 +1,7 @@
 """The step logger: every `log.interval` steps (and at the last), the training scalars and a console line.
 
-It owns its timing. Throughput is measured over the steps of the interval from each step's own wall
+The loss logged is the mean over the interval's steps (the books' trainer averages the same way), the
+last step's own is `train/step_loss`. It owns its timing. Throughput is measured over the steps of the interval from each step's own wall
 time, so evaluation, sampling, saving and rollbacks in between never count as step time; the ETA is the
 session's wall time per step so far (those included, as they will recur) times the steps left.
 """
@@ -17,22 +18,24 @@ if TYPE_CHECKING:
     from ds_trainer.step import StepResult
 
 
-class ThroughputWindow:
-    """Steps, tokens and step seconds since the last reading: ms/step and tokens/s over one log interval."""
+class LogWindow:
+    """The steps since the last reading: their mean loss, ms/step and tokens/s over one log interval."""
 
     def __init__(self) -> None:
-        self.steps, self.tokens, self.seconds = 0, 0, 0.0
+        self.steps, self.tokens, self.seconds, self.loss = 0, 0, 0.0, 0.0
 
-    def add(self, tokens: int, seconds: float) -> None:
+    def add(self, tokens: int, seconds: float, loss: float) -> None:
         self.steps += 1
         self.tokens += tokens
         self.seconds += seconds
+        self.loss += loss
 
-    def take(self) -> tuple[float, float]:
-        """(seconds per step, tokens per second) of the steps added since the last take; starts afresh."""
-        rates = self.seconds / self.steps, self.tokens / self.seconds
-        self.steps, self.tokens, self.seconds = 0, 0, 0.0
-        return rates
+    def take(self) -> tuple[float, float, float]:
+        """(mean loss, seconds per step, tokens per second) of the steps added since the last take; starts
+        afresh."""
+        out = self.loss / self.steps, self.seconds / self.steps, self.tokens / self.seconds
+        self.steps, self.tokens, self.seconds, self.loss = 0, 0, 0.0, 0.0
+        return out
 
 
 class StepLogger:
@@ -41,7 +44,7 @@ class StepLogger:
         self.interval = interval
         self.total_steps = total_steps
         self.progress = progress
-        self.window = ThroughputWindow()
+        self.window = LogWindow()
         self.session_start = time.perf_counter()
         self.session_steps = 0
 
@@ -50,17 +53,19 @@ class StepLogger:
         return step % self.interval == 0 or step == self.total_steps
 
     def after_step(self, result: StepResult) -> None:
-        self.window.add(result.batch.tokens, result.seconds)
+        self.window.add(result.batch.tokens, result.seconds, result.loss)
         self.session_steps += 1
         if not self.is_due(result.step):
             return
-        step_s, tok_s = self.window.take()
+        loss, step_s, tok_s = self.window.take()
         elapsed = time.perf_counter() - self.session_start
         eta = elapsed / self.session_steps * (self.total_steps - result.step)
         scalars = {
-            "train/loss": result.loss,
+            "train/loss": loss,
+            "train/step_loss": result.loss,
             "train/lr": result.lr,
             "train/tokens_seen": float(self.progress.tokens_seen),
+            "train/epoch": result.batch.epochs_done,
             "train/global_batch": float(result.batch.global_batch),
             "perf/tokens_per_sec": tok_s,
             "perf/step_ms": step_s * 1000,
@@ -75,7 +80,7 @@ class StepLogger:
             result.step,
             self.total_steps,
             result.batch.epoch,
-            result.loss,
+            loss,
             result.lr,
             step_s * 1000,
             tok_s,

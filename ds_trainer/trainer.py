@@ -66,8 +66,9 @@ class Trainer:
                 for component in (self.log, self.recovery, self.stop, self.faults):
                     component.after_step(result)
                 step = self.progress.step  # a rollback moves it back
-                self.evaluator.maybe_run(step)
-                self.checkpointer.maybe_save(step)
+                epoch_end = result.batch.ends_epoch and step == result.step
+                self.evaluator.maybe_run(step, epoch_end)
+                self.checkpointer.maybe_save(step, epoch_end)
                 if (code := self.stop.check(step)) is not None:
                     return code
             return 0

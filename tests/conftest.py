@@ -133,3 +133,15 @@ def slurm_cluster():
     from services import SlurmCluster
 
     yield from service(SlurmCluster)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny in-process models: one thread is faster, and immune to OpenMP spinning on a busy
+    2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

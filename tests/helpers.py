@@ -355,6 +355,15 @@ def assert_same_training(
         )
 
 
+def books_lr(k: float, initial: float, peak: float, min_lr: float, warmup: int, total: int) -> float:
+    """The from-scratch books' schedule at step k (from 0), written out as their training loop has it: a
+    linear warm-up from initial to peak, then a cosine from peak at k = warmup to min_lr at k = total."""
+    if k < warmup:
+        return initial + k * (peak - initial) / warmup
+    progress = (k - warmup) / (total - warmup)
+    return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def ds_formula_lr(k: int, lr: float, total: int, warmup: int, warmup_min: float, cos_min: float) -> float:
     """WarmupCosineLR with linear warm-up at iteration k, written from its documented definition."""
     warmup = max(2, warmup)

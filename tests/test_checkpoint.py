@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from helpers import (
     all_tensors,
     assert_bitwise,
-    ds_formula_lr,
+    books_lr,
     fp32,
     losses,
     ok,
@@ -277,11 +278,66 @@ def test_incompatible_change_is_refused_and_safe_ones_reported(tmp_path, verdict
     assert "changed since the checkpoint (accepted): log.interval 1 → 5" in proc.stdout
     assert "changed since the checkpoint (accepted): train.max_steps 4 → 6" in proc.stdout
     # The stretched cosine applies from the first resumed step on, not the saved learning rate: step s
-    # trains at the value of WarmupCosineLR over the new 6 steps at iteration s - 1.
+    # trains at the books' schedule over the new 6 steps at k = s - 1.
     resumed = {s: v for s, v in per_step(run, "train/lr").items() if s > 4}
     assert sorted(resumed) == [5, 6]
-    want = {s: ds_formula_lr(s - 1, peak, 6, warmup, initial / peak, floor / peak) for s in resumed}
+    want = {s: books_lr(s - 1, initial, peak, floor, warmup, 6) for s in resumed}
     assert resumed == pytest.approx(want, rel=1e-9, abs=0)
+
+
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    return proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_epoch_saves_and_resume_from_a_named_checkpoint_branches(tmp_path, verdict_path):
+    ds, run = str(fp32(tmp_path / "ds.json", "zero0")), tmp_path / "run"
+    batch = 8
+    extra = {
+        "data.context_length": 64,
+        "train.micro_batch_size": batch,
+        "checkpoint.save_every_epoch": True,
+        "checkpoint.keep_last": 0,
+    }
+    proc = run_pretrain(["--ds_config", ds, *tiny_args(run, verdict_path, 20, **extra)], ranks=0)
+    ok(proc)
+    windows = int(re.search(r"([\d,]+) train windows", proc.stdout).group(1).replace(",", ""))
+    ends = [s for s in range(1, 21) if s * batch // windows > (s - 1) * batch // windows]
+    assert len(ends) >= 2 and [s for s, _ in committed(run)] == sorted({*ends, 20}, reverse=True)
+    # The console's epoch is the one each step's samples belong to (a step that ends an epoch is in it).
+    shown = {int(m[1]): int(m[2]) for m in re.finditer(r"step (\d+)/20 \| epoch (\d+)", proc.stdout)}
+    assert shown == {s: (s - 1) * batch // windows + 1 for s in range(1, 21)}
+    first = losses(run)
+
+    # Resume from the first epoch's checkpoint: the newer ones are set aside, and the branch retrains the
+    # same steps bitwise (same data position and RNG).
+    named = {**extra, "checkpoint.resume_from": ends[0]}
+    written = len(read_metrics(run))
+    proc = run_pretrain(["--ds_config", ds, *tiny_args(run, verdict_path, 20, **named)], ranks=0)
+    ok(proc)
+    assert f"branched from {tag_for_step(ends[0])}" in proc.stdout
+    kept = sorted(p.name for p in (run / "branched").glob("*/step_*"))
+    assert kept == sorted(tag_for_step(s) for s in {*ends[1:], 20})
+    branch = {m["step"]: m["train/loss"] for m in read_metrics(run)[written:] if "train/loss" in m}
+    assert branch == {s: first[s] for s in range(ends[0] + 1, 21)}
+
+    # A restart of the branch continues it rather than branching again.
+    proc = run_pretrain(["--ds_config", ds, *tiny_args(run, verdict_path, 21, **named)], ranks=0)
+    ok(proc)
+    assert f"resumed from {run / 'step_00000020'} at step 20" in proc.stdout and "branched" not in proc.stdout
+
+    # A tag that is not there, or does not check out: one line.
+    bad = {**extra, "checkpoint.resume_from": 5}
+    proc = run_pretrain(["--ds_config", ds, *tiny_args(run, verdict_path, 21, **bad)], ranks=0)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "checkpoint.resume_from='5': " in last_line(
+        proc
+    ) and "has no checkpoint step_00000005" in last_line(proc)
+    victim = next((run / tag_for_step(ends[1])).glob("*.pt"))
+    victim.write_bytes(b"\0" * victim.stat().st_size)
+    bad = {**extra, "checkpoint.resume_from": tag_for_step(ends[1])}
+    proc = run_pretrain(["--ds_config", ds, *tiny_args(run, verdict_path, 21, **bad)], ranks=0)
+    assert proc.returncode == 2 and "does not check out" in last_line(proc), proc.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -12,14 +12,7 @@ import torch.nn.functional as F
 from ds_trainer.errors import DsTrainerError
 from ds_trainer.model import GPT, PRESETS, GPTConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These models are tiny: one thread is faster, and immune to OpenMP spinning on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL = GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32)

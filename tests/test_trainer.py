@@ -16,6 +16,7 @@ from helpers import (
     REPO,
     SGD_LR,
     assert_same_training,
+    books_lr,
     ds_formula_lr,
     final_weights,
     fp32,
@@ -115,7 +116,7 @@ def test_zero_variants_on_two_ranks_match_one_rank(base, optimizer, request, tmp
         tol["weight_atol"] = None
     assert_same_training(run, ref, STEPS, **tol)
     got_val, ref_val = val_losses(run), val_losses(ref)
-    assert sorted(got_val) == sorted(ref_val) == [STEPS]
+    assert sorted(got_val) == sorted(ref_val) == [1, STEPS]  # after the first update, and the last step
     np.testing.assert_allclose(got_val[STEPS], ref_val[STEPS], atol=tol["loss_atol"], rtol=0)
     # Sampling draws from seed + step on every rank, so partitioned weights must give the same text.
     assert samples(run) == samples(ref) and len(samples(ref)[STEPS]) > len("The meaning of")
@@ -183,28 +184,30 @@ def test_lr_follows_json_warmup_cosine(tmp_path, verdict_path):
 
 
 @pytest.mark.slow
-def test_lr_follows_seed_style_schedule(tmp_path, verdict_path):
+def test_lr_follows_seed_style_schedule_also_after_a_resume(tmp_path, verdict_path):
     initial, peak, min_lr, warmup, total = 1e-4, 1e-3, 1e-5, 4, 12
-    args = tiny_args(
-        tmp_path / "run",
-        verdict_path,
-        total,
-        **{
-            "train.initial_lr": initial,
-            "train.peak_lr": peak,
-            "train.min_lr": min_lr,
-            "train.warmup_steps": warmup,
-        },
-    )
-    ok(run_pretrain(["--ds_config", str(fp32(tmp_path / "ds.json", "zero0")), *args], ranks=0))
-    want = []
-    for k in range(total):
-        if k < warmup:
-            want.append(initial + (peak - initial) * k / warmup)
-        else:
-            progress = min(1.0, (k - warmup + 1) / (total - warmup))
-            want.append(min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
-    np.testing.assert_allclose(logged_lrs(tmp_path / "run"), want, rtol=1e-9, atol=1e-12)
+    run = tmp_path / "run"
+    lr_keys = {
+        "train.initial_lr": initial,
+        "train.peak_lr": peak,
+        "train.min_lr": min_lr,
+        "train.warmup_steps": warmup,
+    }
+    args = tiny_args(run, verdict_path, total, **lr_keys, **{"checkpoint.save_interval": 6})
+    cmd = ["--ds_config", str(fp32(tmp_path / "ds.json", "zero0")), *args]
+    ok(run_pretrain(cmd, ranks=0))
+    want = [books_lr(k, initial, peak, min_lr, warmup, total) for k in range(total)]
+    np.testing.assert_allclose(logged_lrs(run), want, rtol=1e-9, atol=1e-12)
+    assert want[warmup] == peak and want[-1] > min_lr  # the books' cosine starts at the peak
+    saved = json.loads((run / "step_00000012" / "ds_config.json").read_text())["scheduler"]
+    assert saved["cosine_from"] == "warmup_end"  # the resolved JSON says which count ran
+
+    # Resumed mid-cosine (from step 6): steps 7..12 keep the formula.
+    shutil.rmtree(run / "step_00000012")
+    written = len(read_metrics(run))
+    ok(run_pretrain(cmd, ranks=0))
+    resumed = [m["train/lr"] for m in read_metrics(run)[written:] if "train/lr" in m]
+    np.testing.assert_allclose(resumed, want[6:], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.slow
@@ -237,6 +240,8 @@ def test_tensorboard_holds_every_scalar_and_the_sample(tmp_path, verdict_path):
         "train/tokens_seen",
         "val/loss",
         "val/perplexity",
+        "eval/train_loss",
+        "train/epoch",
         "perf/tokens_per_sec",
         "perf/step_ms",
         "mem/host_rss_gb",
@@ -248,7 +253,8 @@ def test_tensorboard_holds_every_scalar_and_the_sample(tmp_path, verdict_path):
     assert [e.value for e in acc.Scalars("train/tokens_seen")] == [s * 2 * 32 for s in range(1, 7)]
     for val, ppl in zip(acc.Scalars("val/loss"), acc.Scalars("val/perplexity"), strict=True):
         assert ppl.value == pytest.approx(math.exp(val.value), rel=1e-5)
-    assert [e.step for e in acc.Scalars("val/loss")] == [3, 6]
+    assert [e.step for e in acc.Scalars("val/loss")] == [1, 3, 6]  # after the first update, every 3, the last
+    assert [e.step for e in acc.Scalars("eval/train_loss")] == [1, 3, 6]
     assert all(e.value > 0 for e in acc.Scalars("train/grad_norm"))
     tb_lr = [e.value for e in acc.Scalars("train/lr")]
     assert tb_lr == pytest.approx([m["train/lr"] for m in read_metrics(run) if "train/lr" in m], rel=1e-6)
@@ -268,7 +274,7 @@ def test_tensorboard_holds_every_scalar_and_the_sample(tmp_path, verdict_path):
     )
     assert [int(step) for step in console] == [1, 2, 3, 4, 5, 6], proc.stdout[-3000:]
     samples = acc.Tensors("samples/text/text_summary")
-    assert [s.step for s in samples] == [3, 6]
+    assert [s.step for s in samples] == [1, 3, 6]
     assert samples[0].tensor_proto.string_val[0].decode().startswith("The meaning of")
 
 
@@ -357,8 +363,8 @@ def test_batch_rampup_on_a_mixture(tmp_path, verdict_path):
     assert batches == want
     assert [m["train/tokens_seen"] for m in metrics] == [int(c) * 32 for c in consumed[1:]]
     for m, seen in zip(metrics, consumed[:-1], strict=True):
-        k = seen / 8
-        assert m["train/lr"] == pytest.approx(ds_formula_lr(k, 1e-3, 6, 2, 0.0, 0.1), rel=1e-9, abs=1e-12)
+        k = seen / 8  # the schedule counts full-batch steps of samples seen
+        assert m["train/lr"] == pytest.approx(books_lr(k, 0.0, 1e-3, 1e-4, 2, 6), rel=1e-9, abs=1e-12)
 
     # Resumed in the middle of the ramp: the same batches, rates and losses from step 4 on.
     assert batches[2] < batches[-1]
@@ -396,7 +402,9 @@ def test_trains_from_prepared_shards(tmp_path):
     proc = run_pretrain(["--ds_config", ds, *args], ranks=0)
     ok(proc)
     assert len(losses(tmp_path / "run")) == 3 and "eval step 3" in proc.stdout
-    assert [math.isfinite(m["val/loss"]) for m in read_metrics(tmp_path / "run") if "val/loss" in m] == [True]
+    assert [math.isfinite(m["val/loss"]) for m in read_metrics(tmp_path / "run") if "val/loss" in m] == [
+        True
+    ] * 2
 
     # One document prepared into a shard reads as the same windows as the text itself: the same losses.
     prepare(
@@ -412,3 +420,67 @@ def test_trains_from_prepared_shards(tmp_path):
         ok(run_pretrain(["--ds_config", ds, *tiny_args(tmp_path / name, source, 4, **extra)], ranks=0))
         got[name] = losses(tmp_path / name)
     assert len(got["text"]) == 4 and got["shards"] == got["text"]
+
+
+BOOK_STEPS, BOOK_WARMUP, BOOK_CLIP_FROM, BOOK_SEED = 20, 4, 5, 123
+BOOK_LR = {"initial": 1e-5, "peak": 1e-3, "min_lr": 1e-5}
+
+
+def books_loop(verdict_path: Path, batch: int) -> list[float]:
+    """The books' training loop, written out: torch's AdamW on every parameter, the schedule set by hand each
+    step, clipping from step BOOK_CLIP_FROM (counted from 0), over the windows in ds_trainer's data order."""
+    from ds_trainer.data import SampleStream, build_datasets
+    from ds_trainer.model import GPT, GPTConfig
+
+    cfg = GPTConfig.from_preset("gpt2-tiny", init="torch", dropout=0.0)
+    train, _, _ = build_datasets({str(verdict_path): 1.0}, 32, 32, None, cfg.vocab_size)
+    torch.manual_seed(BOOK_SEED)  # ds_trainer seeds the same way before it builds the model
+    model = GPT(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=BOOK_LR["peak"], weight_decay=0.1)
+    order = SampleStream(train.sizes(), None, BOOK_SEED)
+    out = []
+    for k in range(BOOK_STEPS):
+        for group in optimizer.param_groups:
+            group["lr"] = books_lr(
+                k, BOOK_LR["initial"], BOOK_LR["peak"], BOOK_LR["min_lr"], BOOK_WARMUP, BOOK_STEPS
+            )
+        x, y = train.batch(order.take(batch))
+        optimizer.zero_grad()
+        loss = model(x, y)
+        loss.backward()
+        if k >= BOOK_CLIP_FROM:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+        optimizer.step()
+        out.append(loss.item())
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,ranks", [(0, 1), (2, 2)])
+def test_books_recipe_trains_like_the_books_loop(tmp_path, verdict_path, stage, ranks):
+    ds = json.loads((REPO / "ds_configs" / "appendix_d.json").read_text())
+    ds["zero_optimization"] = {"stage": stage}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    book = {
+        "model.init": "torch",
+        "train.seed": BOOK_SEED,
+        "train.initial_lr": BOOK_LR["initial"],
+        "train.peak_lr": BOOK_LR["peak"],
+        "train.min_lr": BOOK_LR["min_lr"],
+        "train.warmup_steps": BOOK_WARMUP,
+        "train.weight_decay": 0.1,
+        "train.max_norm": 1.0,
+        "train.clip_from_step": BOOK_CLIP_FROM,
+        "train.decay_all_parameters": True,
+    }
+    run = tmp_path / "run"
+    ok(
+        run_pretrain(
+            ["--ds_config", str(tmp_path / "ds.json"), *tiny_args(run, verdict_path, BOOK_STEPS, **book)],
+            ranks=ranks,
+        )
+    )
+    got = [losses(run)[s] for s in range(1, BOOK_STEPS + 1)]
+    want = books_loop(verdict_path, batch=2 * ranks)  # 2 ranks of micro-batch 2 train on 4 windows a step
+    print("loss diffs vs the books' loop:", [f"{a - b:.1e}" for a, b in zip(got, want, strict=True)])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)

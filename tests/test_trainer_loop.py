@@ -14,7 +14,7 @@ from ds_trainer.checkpoint import Progress
 from ds_trainer.metrics import Metrics
 from ds_trainer.preemption import REQUEUE_EXIT
 from ds_trainer.step import StepBatch, StepResult
-from ds_trainer.step_log import StepLogger, ThroughputWindow
+from ds_trainer.step_log import LogWindow, StepLogger
 from ds_trainer.trainer import Trainer
 
 TOKENS = 64  # per step
@@ -30,7 +30,7 @@ class FakeBatches:
 
     def next(self, step: int) -> StepBatch:
         self.calls.append(("batch", step))
-        return StepBatch(step, 4, [], 4 * (step - 1), 4 * step, 1, None, TOKENS)
+        return StepBatch(step, 4, [], 4 * (step - 1), 4 * step, 1, step == 3, step / 3, None, TOKENS)
 
 
 class FakeStep:
@@ -48,12 +48,15 @@ class Recorder:
 
     def __init__(self, name: str, calls: Calls, stop_at: int | None = None) -> None:
         self.name, self.calls, self.stop_at = name, calls, stop_at
+        self.epoch_ends: list[int] = []
 
     def after_step(self, result: StepResult) -> None:
         self.calls.append((self.name, result.step))
 
-    def maybe_run(self, step: int) -> None:
+    def maybe_run(self, step: int, epoch_end: bool) -> None:
         self.calls.append((self.name, step))
+        if epoch_end:
+            self.epoch_ends.append(step)
 
     maybe_save = maybe_run
 
@@ -153,6 +156,18 @@ def test_after_a_rollback_evaluation_and_saving_see_the_step_rolled_back_to():
     assert [c[1] for c in calls if c[0] == "save"] == [1, 2, 3, 2, 3, 4, 5]
 
 
+def test_an_epoch_end_reaches_evaluation_and_saving_unless_the_step_was_rolled_back():
+    calls, progress = Calls(), Progress()
+    t = trainer(calls, total=5, progress=progress)
+    t.fit()
+    assert t.evaluator.epoch_ends == t.checkpointer.epoch_ends == [3]  # FakeBatches: step 3 ends an epoch
+    calls, progress = Calls(), Progress()
+    t = trainer(calls, total=5, progress=progress, recovery=RollingBack(calls, progress, at=3, to=2))
+    t.fit()
+    assert [c[1] for c in calls if c[0] == "batch"] == [1, 2, 3, 3, 4, 5]
+    assert t.evaluator.epoch_ends == t.checkpointer.epoch_ends == [3]  # only the retrained step 3's
+
+
 def test_a_failing_step_still_stops_the_watchdog():
     calls = Calls()
 
@@ -183,7 +198,7 @@ def test_step_logger_logs_its_interval_and_the_last_step_with_the_interval_throu
     seconds = {1: 0.1, 2: 0.3, 3: 0.2, 4: 0.2, 5: 1.0}
     for s in range(1, 6):
         progress.advance(TOKENS)
-        batch = StepBatch(s, 4, [], 0, 0, 1, None, TOKENS)
+        batch = StepBatch(s, 4, [], 0, 0, 1, False, s / 10, None, TOKENS)
         log.after_step(StepResult(batch, 5.0, 1e-3, 0.5 if log.is_due(s) else None, None, seconds[s]))
     assert sorted(metrics.logged) == [2, 4, 5]
     assert metrics.logged[2]["perf/step_ms"] == pytest.approx(200.0)  # (0.1 + 0.3) / 2 steps
@@ -195,11 +210,25 @@ def test_step_logger_logs_its_interval_and_the_last_step_with_the_interval_throu
     assert [line.split(" |")[0] for line in metrics.lines] == ["step 2/5", "step 4/5", "step 5/5"]
 
 
-def test_throughput_window_starts_afresh_after_each_reading():
-    w = ThroughputWindow()
-    w.add(100, 0.5)
-    w.add(100, 1.5)
-    assert w.take() == (1.0, 100.0)
-    w.add(30, 0.1)
-    step_s, tok_s = w.take()
-    assert step_s == pytest.approx(0.1) and math.isclose(tok_s, 300.0)
+def test_log_window_starts_afresh_after_each_reading():
+    w = LogWindow()
+    w.add(100, 0.5, 4.0)
+    w.add(100, 1.5, 2.0)
+    assert w.take() == (3.0, 1.0, 100.0)  # the interval's mean loss, as the books' trainer logs it
+    w.add(30, 0.1, 7.0)
+    loss, step_s, tok_s = w.take()
+    assert loss == 7.0 and step_s == pytest.approx(0.1) and math.isclose(tok_s, 300.0)
+
+
+def test_step_logger_logs_the_interval_mean_loss_and_the_epoch_the_step_is_in():
+    metrics, progress = Lines(), Progress()
+    log = StepLogger(metrics, interval=3, total_steps=4, progress=progress)
+    step_losses = {1: 6.0, 2: 5.0, 3: 1.0, 4: 2.0}
+    for s in range(1, 5):
+        progress.advance(TOKENS)
+        batch = StepBatch(s, 4, [], 0, 0, 1 if s <= 3 else 2, s == 3, s / 3, None, TOKENS)
+        log.after_step(StepResult(batch, step_losses[s], 1e-3, None, None, 0.1))
+    assert metrics.logged[3]["train/loss"] == 4.0 and metrics.logged[3]["train/step_loss"] == 1.0
+    assert metrics.logged[4]["train/loss"] == 2.0  # the window started afresh after step 3
+    assert metrics.logged[3]["train/epoch"] == 1.0
+    assert [line.split(" | ")[1] for line in metrics.lines] == ["epoch 1", "epoch 2"]

@@ -82,10 +82,11 @@ class Checkpointer:
         self.last_save_seconds = 0.0
 
     # -- when to save
-    def maybe_save(self, step: int) -> None:
-        """At every save_interval and at the last step."""
+    def maybe_save(self, step: int, epoch_end: bool = False) -> None:
+        """At every save_interval, at the last step, and (checkpoint.save_every_epoch) at each epoch's end."""
         interval = self.settings.save_interval
-        if (interval and step % interval == 0) or step == self.ds.total_steps:
+        due = (interval and step % interval == 0) or step == self.ds.total_steps
+        if due or (epoch_end and self.settings.save_every_epoch):
             self.save_now(step)
 
     def save_now(self, step: int) -> None:

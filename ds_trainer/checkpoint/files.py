@@ -38,6 +38,13 @@ def step_of_tag(tag: str) -> int:
     return int(TAG_RE.match(tag).group(1))
 
 
+def tag_named(name: str) -> str | None:
+    """The checkpoint tag a user names: `step_00000060` as it is, or a step number like `60`; None if neither."""
+    if TAG_RE.match(name):
+        return name
+    return tag_for_step(int(name)) if name.isdigit() else None
+
+
 def rng_file(rank: int) -> str:
     return f"rng_rank{rank:05d}.pt"
 

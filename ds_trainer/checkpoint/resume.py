@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from ds_trainer.checkpoint.files import (
     latest_tag,
     list_files,
     step_of_tag,
+    tag_named,
     verify,
     write_manifest,
 )
@@ -34,6 +36,9 @@ from ds_trainer.errors import DsTrainerError, join_problems
 
 if TYPE_CHECKING:
     from ds_trainer.ds_config import ResolvedDSConfig
+
+BRANCHED = "branched"
+"""Where a run that resumes from an older checkpoint puts the newer ones (kept, never pruned)."""
 
 FRESH_START = "point checkpoint.dir at a new folder to start afresh"
 
@@ -79,10 +84,18 @@ def verify_shared(folder: Path, group: Group, rank: int, checksums: bool) -> str
 
 
 def find_resume(
-    run_dir: Path, configs: dict[str, Any], group: Group, rank: int, checksums: bool
+    run_dir: Path,
+    configs: dict[str, Any],
+    group: Group,
+    rank: int,
+    checksums: bool,
+    named: str | None = None,
 ) -> ResumePlan | None:
-    """Collective: the newest checkpoint that checks out and is compatible; None if the folder has none."""
+    """Collective: the newest checkpoint that checks out and is compatible (None if the folder has none), or
+    the one `named` (checkpoint.resume_from) unless a branch from it is already under way."""
     candidates = committed(run_dir)
+    if named is not None and not _branch_under_way(run_dir, candidates, named):
+        return _named_plan(run_dir, named, candidates, configs, group, rank, checksums)
     if not candidates:
         if latest_tag(run_dir) is not None:
             raise DsTrainerError(
@@ -96,20 +109,79 @@ def find_resume(
         if reason is not None:
             skipped.append(f"{tag}: {reason}")
             continue
-        saved = {n: json.loads((run_dir / tag / f"{n}.json").read_text()) for n in configs}
-        refused, accepted = compare(saved, configs)
-        if refused:
-            raise DsTrainerError(
-                f"cannot resume {run_dir / tag}: changed since it was saved: {join_problems(refused)}; "
-                f"undo the change, or {FRESH_START}"
-            )
-        layout = configs["meta"]["layout"]
-        plan = ResumePlan(tag, saved, skipped, accepted, needs_universal(saved["meta"]["layout"], layout))
-        check_convertible(plan, layout, run_dir)
-        return plan
+        return _plan(run_dir, tag, configs, skipped)
     raise DsTrainerError(
         f"every checkpoint in {run_dir} is broken ({join_problems(skipped)}); restore one, or {FRESH_START}"
     )
+
+
+def _plan(run_dir: Path, tag: str, configs: dict[str, Any], skipped: list[str]) -> ResumePlan:
+    """The plan to resume from `tag`, which checked out; refused if the run's identity changed."""
+    saved = {n: json.loads((run_dir / tag / f"{n}.json").read_text()) for n in configs}
+    refused, accepted = compare(saved, configs)
+    if refused:
+        raise DsTrainerError(
+            f"cannot resume {run_dir / tag}: changed since it was saved: {join_problems(refused)}; "
+            f"undo the change, or {FRESH_START}"
+        )
+    layout = configs["meta"]["layout"]
+    plan = ResumePlan(tag, saved, skipped, accepted, needs_universal(saved["meta"]["layout"], layout))
+    check_convertible(plan, layout, run_dir)
+    return plan
+
+
+def _branch_under_way(run_dir: Path, candidates: list[tuple[int, str]], named: str) -> bool:
+    """Whether the newest checkpoint was saved by a run that itself resumed from `named`: then a restart
+    continues that branch instead of branching again."""
+    if not candidates:
+        return False
+    try:
+        saved = json.loads((run_dir / candidates[0][1] / "run_config.json").read_text())
+    except (OSError, ValueError):
+        return False  # a broken newest checkpoint is no branch to continue; verification says why later
+    earlier = saved.get("checkpoint", {}).get("resume_from")
+    return earlier is not None and tag_named(str(earlier)) == tag_named(named)
+
+
+def _named_plan(
+    run_dir: Path,
+    named: str,
+    candidates: list[tuple[int, str]],
+    configs: dict[str, Any],
+    group: Group,
+    rank: int,
+    checksums: bool,
+) -> ResumePlan:
+    tag, tags = tag_named(named), [t for _, t in candidates]
+    key = f"checkpoint.resume_from={named!r}"
+    if tag is None:
+        raise DsTrainerError(f"{key} is neither a checkpoint tag (step_00000060) nor a step number (60)")
+    if tag not in tags:
+        have = ", ".join(reversed(tags)) or "none"
+        raise DsTrainerError(f"{key}: {run_dir} has no checkpoint {tag} (it has: {have}); name one of those")
+    reason = verify_shared(run_dir / tag, group, rank, checksums)
+    if reason is not None:
+        raise DsTrainerError(f"{key}: {run_dir / tag} does not check out ({reason}); name another checkpoint")
+    return _plan(run_dir, tag, configs, [])
+
+
+def newer_than(run_dir: Path, plan: ResumePlan) -> list[str]:
+    """Committed checkpoints newer than the one resumed from: there are some only when a run branches."""
+    return [tag for step, tag in committed(run_dir) if step > plan.step]
+
+
+def set_aside(run_dir: Path, tags: list[str], group: Group, rank: int) -> Path:
+    """Collective: move `tags` (and their universal conversions) into run_dir/branched/<time>/, where retention
+    never looks, so branching keeps them; returns that folder."""
+    target = run_dir / BRANCHED / time.strftime("%Y%m%d-%H%M%S", time.gmtime(group.from_rank0(time.time())))
+    if rank == 0:
+        target.mkdir(parents=True, exist_ok=True)
+        for tag in tags:
+            for folder in (run_dir / tag, run_dir / (tag + UNIVERSAL_SUFFIX)):
+                if folder.exists():
+                    folder.rename(target / folder.name)
+    group.barrier()
+    return target
 
 
 def check_convertible(plan: ResumePlan, layout: dict[str, int], run_dir: Path) -> None:

@@ -113,6 +113,10 @@ class SampleStream:
         """Completed passes over the first (or only) dataset."""
         return self.counts[0] // self.sizes[0]
 
+    def epochs_done(self) -> float:
+        """Passes over the first (or only) dataset so far, with the fraction of the current one."""
+        return self.counts[0] / self.sizes[0]
+
     def state_dict(self) -> dict:
         return {
             "consumed": self.consumed,
@@ -159,6 +163,10 @@ class GlobalBatchSampler:
     @property
     def epoch(self) -> int:
         return self.stream.epoch()
+
+    @property
+    def epochs_done(self) -> float:
+        return self.stream.epochs_done()
 
     def next_step(self, grad_accum: int) -> list[list[tuple[int, int]]]:
         """This rank's micro-batches (lists of (dataset, window)) for the next optimizer step."""
