@@ -20,7 +20,10 @@ if TYPE_CHECKING:
 METRICS_FILE = "metrics.jsonl"
 DEFAULT_PNG = "training.png"
 TRAIN_LOSS, VAL_LOSS = "eval/train_loss", "val/loss"
-LR, TOKENS, EPOCH = "train/lr", "train/tokens_seen", "train/epoch"
+# An evaluation record says where training stood under eval/ names: its step's log record may carry the
+# train/ ones, and one tag twice at one step would draw two points in TensorBoard.
+LR, EPOCH, TOKENS = "train/lr", "eval/epoch", "eval/tokens_seen"
+LOG_TOKENS = "train/tokens_seen"  # where a record of the step has no evaluation position (older runs)
 
 # 1100 x 400 pixels: two panels side by side, each about the book's 5 x 3 inch figure.
 FIGSIZE_IN, DPI = (11.0, 4.0), 100
@@ -30,7 +33,7 @@ FIGSIZE_IN, DPI = (11.0, 4.0), 100
 class TrainingCurves:
     """What the figure shows. The evaluation lists hold one entry per evaluation, in step order."""
 
-    x_label: str  # "Epochs", or "Step" where an evaluation record has no train/epoch (older runs)
+    x_label: str  # "Epochs", or "Step" where an evaluation record has no eval/epoch (older runs)
     eval_steps: list[int]
     x: list[float]  # the evaluations' epochs (or steps): the loss panel's bottom axis
     tokens: list[float | None]  # tokens seen at each evaluation, where a record of its step says
@@ -102,7 +105,7 @@ def read_curves(run_dir: str | Path) -> TrainingCurves:
         x_label="Epochs" if by_epoch else "Step",
         eval_steps=[r["step"] for r in evals],
         x=[float(r[EPOCH] if by_epoch else r["step"]) for r in evals],
-        tokens=[r.get(TOKENS) for r in evals],
+        tokens=[r.get(TOKENS, r.get(LOG_TOKENS)) for r in evals],
         train_loss=[r.get(TRAIN_LOSS) for r in evals],
         val_loss=[r.get(VAL_LOSS) for r in evals],
         lr_steps=[r["step"] for r in logged],

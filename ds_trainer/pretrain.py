@@ -211,7 +211,7 @@ def build_trainer(
             run.train.seed,
             ds.total_steps,
             (dp_rank, dp_size),
-            lambda: {"train/tokens_seen": float(progress.tokens_seen), "train/epoch": sampler.epochs_done},
+            lambda: {"eval/tokens_seen": float(progress.tokens_seen), "eval/epoch": sampler.epochs_done},
             metrics,
             watchdog,
         ),

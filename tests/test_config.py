@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ds_trainer.config import ConfigError, load_run_config
 from ds_trainer.model import GPTConfig
@@ -249,9 +250,13 @@ def test_shipped_run_yaml_loads(path):
     cfg = load_run_config(str(path))
     gpt = cfg.gpt_config()
     assert gpt.problems() == []
-    assert gpt == GPTConfig.from_preset(cfg.model.preset, dropout=cfg.model.dropout)
+    # The preset with exactly the model keys the file sets (dropout has the section's own default).
+    model = yaml.safe_load(path.read_text())["model"]
+    assert gpt == GPTConfig.from_preset(model.pop("preset"), **{"dropout": cfg.model.dropout, **model})
     assert cfg.context_length <= gpt.block_size
-    assert cfg.train.max_steps is not None and cfg.train.warmup_steps < cfg.train.max_steps
+    train = cfg.train
+    assert (train.max_steps is None) != (train.epochs is None)  # a length, in steps or in epochs
+    assert train.max_steps is None or train.warmup_steps < train.max_steps
 
 
 def test_log_paths_derive_from_checkpoint_dir():

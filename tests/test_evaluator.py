@@ -50,8 +50,8 @@ def test_evaluation_reports_train_and_val_loss_in_eval_mode_and_samples_each_epo
     assert sorted(evals) == [1, 4, 8, 10]  # after the first update, every 4 steps, and the last
     windows = int(re.search(r"([\d,]+) train windows", proc.stdout).group(1).replace(",", ""))
     for step, m in evals.items():
-        assert m["train/epoch"] == pytest.approx(step * BATCH / windows)
-        assert m["train/tokens_seen"] == step * BATCH * CONTEXT
+        assert m["eval/epoch"] == pytest.approx(step * BATCH / windows)
+        assert m["eval/tokens_seen"] == step * BATCH * CONTEXT
 
     # The last evaluation's losses are the final weights' on the first window of each split, in eval mode.
     cfg = GPTConfig.from_preset("gpt2-tiny", dropout=0.2)
@@ -82,4 +82,4 @@ def test_evaluation_reports_train_and_val_loss_in_eval_mode_and_samples_each_epo
     curves = read_curves(run)
     assert curves.eval_steps == [1, 4, 8, 10] and curves.x_label == "Epochs"
     assert curves.val_loss == [evals[s]["val/loss"] for s in (1, 4, 8, 10)]
-    assert curves.x == [evals[s]["train/epoch"] for s in (1, 4, 8, 10)]
+    assert curves.x == [evals[s]["eval/epoch"] for s in (1, 4, 8, 10)]

@@ -35,7 +35,8 @@ def eval_values(step: int, run: int) -> dict[str, float]:
     return {
         "eval/train_loss": 5 - step / 100 + run,
         "val/loss": 6 - step / 100 + run,
-        "train/epoch": step / STEPS_PER_EPOCH,
+        "eval/epoch": step / STEPS_PER_EPOCH,
+        "eval/tokens_seen": float(step * TOKENS_PER_STEP),
     }
 
 
