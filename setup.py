@@ -26,10 +26,15 @@ setup(
             "ruff>=0.6",
             "matplotlib>=3.7",
             "wandb>=0.17",
+            "optuna>=4.2",
+            "psycopg2-binary>=2.9",
         ],
         # launch/plot.py draws the training curves (loss against epochs and tokens, learning rate) as a PNG.
         "plot": ["matplotlib>=3.7"],
         # log.wandb_project: a Weights & Biases sink beside TensorBoard (WANDB_MODE=offline needs no network).
         "wandb": ["wandb>=0.17"],
+        # launch/search.py: Optuna's samplers, pruners and storages; psycopg2 for a PostgreSQL storage that
+        # several workers (a SLURM job array) share.
+        "search": ["optuna>=4.2", "psycopg2-binary>=2.9"],
     },
 )

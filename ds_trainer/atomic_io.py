@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,17 +19,22 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def temporary_path(path: Path) -> Path:
+def temporary_path(path: Path, writer: str = "") -> Path:
     """Where write_atomic writes before the rename (a crash may leave it; the next write replaces it)."""
-    return path.with_name(f".{path.name}.tmp")
+    return path.with_name(f".{path.name}{writer}.tmp")
 
 
 def write_atomic(
-    path: Path, text: str, sync_dir: bool = True, before_replace: Callable[[], None] | None = None
+    path: Path,
+    text: str,
+    sync_dir: bool = True,
+    before_replace: Callable[[], None] | None = None,
+    shared: bool = False,
 ) -> None:
     """Write to a temporary name, fsync, rename over `path`. `before_replace` runs between the two
-    (failure drills kill the process there)."""
-    tmp = temporary_path(path)
+    (failure drills kill the process there). `shared`: several processes or threads may write `path` at
+    once (a search's workers), so each writes its own temporary file and the last rename wins."""
+    tmp = temporary_path(path, f".{os.getpid()}.{threading.get_ident()}" if shared else "")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

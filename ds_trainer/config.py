@@ -462,6 +462,20 @@ def parse_overrides(argv: list[str]) -> tuple[dict[str, dict[str, str]], list[st
     return out, problems
 
 
+def read_yaml(path: str, what: str, flag: str) -> Any:
+    """A user's YAML file (floats like 1e-5 read as floats), or one line naming the file, the line and the
+    flag to fix."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {path} not found; pass an existing YAML file to {flag}")
+    try:
+        return yaml.load(p.read_text(), Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{what} {path}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+
+
 def load_run_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, then the YAML file, then command-line overrides; every problem found is raised at once."""
     problems = Problems()
@@ -469,17 +483,7 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None)
     source = "run config"
     if path:
         source = path
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"run config {path} not found; pass an existing YAML file to --config")
-        try:
-            raw = yaml.load(p.read_text(), Loader=_Loader) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(
-                f"run config {path}{where} is not valid YAML: {getattr(e, 'problem', e)}"
-            ) from None
+        raw = read_yaml(path, "run config", "--config") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"run config {path} must be a mapping of sections, got {type(raw).__name__}")
 

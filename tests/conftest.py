@@ -135,6 +135,16 @@ def slurm_cluster():
     yield from service(SlurmCluster)
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server of its own on 127.0.0.1 and a free port, for the session; `.url` is the
+    SQLAlchemy URL of its empty database `optuna` (as `optuna.storages.RDBStorage` takes it), and
+    `.new_database(name)` creates another, empty one for a test and returns its URL."""
+    from services import PostgresServer
+
+    yield from service(PostgresServer)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """For modules of tiny in-process models: one thread is faster, and immune to OpenMP spinning on a busy

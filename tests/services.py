@@ -1,14 +1,18 @@
-"""Real services for launcher tests, started by the tests and stopped again: ssh hosts and a SLURM cluster.
+"""Real services for tests, started by the tests and stopped again: ssh hosts and a SLURM cluster for the
+launcher, a PostgreSQL server for the hyperparameter search's shared study.
 
-Both change the machine (daemons, /etc/hosts, ~/.ssh), so every change is recorded when made and undone
-in `stop()`, and nothing the machine had before is touched: files get a marked block that is removed
-again, daemons already running are used and left running.
+The first two change the machine (daemons, /etc/hosts, ~/.ssh), so every change is recorded when made and
+undone in `stop()`, and nothing the machine had before is touched: files get a marked block that is
+removed again, daemons already running are used and left running. The PostgreSQL server is a private one
+in a temporary folder, beside (never instead of) a system cluster.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -531,4 +535,182 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             os.environ["SLURM_CONF"] = self.saved_conf
         if self.started_munged:
             kill_pidfile(self.munged_pidfile)
+        self.started = False
+
+
+# --------------------------------------------------------------------------------------------- PostgreSQL
+
+
+class PostgresServer:
+    """A private PostgreSQL server on 127.0.0.1 and a free port, its data in a temporary folder, with an
+    empty database `optuna`; any user connects as `postgres` without a password (trust).
+
+    Debian's `postgresql` package puts the server binaries under /usr/lib/postgresql/<version>/bin, off
+    PATH. The server refuses to run as root, so initdb and pg_ctl run as the package's `postgres` user. Its
+    sockets live in the temporary folder, so a system cluster (on 5432, /var/run/postgresql) is never
+    touched, running or not.
+    """
+
+    BIN_GLOB = "/usr/lib/postgresql/*/bin"
+    APT = "postgresql"
+    USER = "postgres"
+
+    def __init__(self, database: str = "optuna"):
+        self.database = database
+        self.dir: Path | None = None
+        self.bin: Path | None = None
+        self.port: int | None = None
+        self.started = False
+
+    def _in_dir(self, name: str) -> Path:
+        assert self.dir is not None, "start() makes the folder"
+        return self.dir / name
+
+    data = property(lambda self: self._in_dir("data"), doc="The cluster's data folder (initdb's -D).")
+    log = property(lambda self: self._in_dir("postgres.log"), doc="The server's log (pg_ctl's -l).")
+
+    @property
+    def url(self) -> str:
+        """The SQLAlchemy URL of the database `optuna` (what `optuna.storages.RDBStorage` takes)."""
+        return self._url(self.database)
+
+    def _url(self, database: str) -> str:
+        return f"postgresql+psycopg2://{self.USER}@127.0.0.1:{self.port}/{database}"
+
+    @classmethod
+    def find_bin(cls) -> Path:
+        """The newest installed version's bin folder that has initdb, pg_ctl and postgres."""
+
+        def version(d: Path) -> tuple[int, ...]:
+            v = d.parent.name
+            return tuple(int(x) for x in v.split(".")) if v.replace(".", "").isdigit() else (-1,)
+
+        names = ("initdb", "pg_ctl", "postgres")
+        for d in sorted((Path(p) for p in glob.glob(cls.BIN_GLOB)), key=version, reverse=True):
+            if all((d / n).is_file() and os.access(d / n, os.X_OK) for n in names):
+                return d
+        raise ServiceUnavailable(
+            f"postgres_server: {', '.join(names)} not installed under {cls.BIN_GLOB} (apt-get install {cls.APT})"
+        )
+
+    def start(self) -> PostgresServer:
+        require_root("postgres_server")
+        require_binaries("postgres_server", "runuser", apt="util-linux")
+        self.bin = self.find_bin()
+        try:
+            pw = pwd.getpwnam(self.USER)
+        except KeyError:
+            raise ServiceUnavailable(
+                f"postgres_server: no user {self.USER} (apt-get install {self.APT} creates it)"
+            ) from None
+        self.started = True  # from here on stop() has things to undo, even if start fails halfway
+        STATE_ROOT.mkdir(parents=True, exist_ok=True)
+        # The postgres user must pass through to its folder, whatever the umask made of STATE_ROOT.
+        STATE_ROOT.chmod(STATE_ROOT.stat().st_mode | 0o111)
+        self.dir = Path(tempfile.mkdtemp(prefix="postgres_", dir=STATE_ROOT))
+        os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+        # No locale: initdb fails on a LANG the machine has not generated. No fsync: test data is disposable.
+        self._as_postgres(
+            "initdb", "-D", str(self.data), "-A", "trust", "-U", self.USER, "-E", "UTF8", "--no-locale",
+            "--no-sync", what="initdb",
+        )  # fmt: skip
+        for attempt in range(3):
+            # Another process may take the free port before the server binds it; then try another.
+            self.port = free_port("127.0.0.1")
+            with open(self.data / "postgresql.conf", "a") as f:  # the last setting of a name wins
+                f.write(
+                    f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
+                    f"unix_socket_directories = '{self.dir}'\nfsync = off\n"
+                )
+            try:
+                self._as_postgres(
+                    "pg_ctl", "start", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
+                    what="pg_ctl start",
+                )  # fmt: skip
+                break
+            except ServiceUnavailable:
+                if attempt == 2 or "already in use" not in self._log_tail():
+                    raise
+        wait_for(lambda: port_open("127.0.0.1", self.port), 30, f"PostgreSQL on port {self.port}")
+        self.new_database(self.database)
+        return self
+
+    def _as_postgres(self, tool: str, *args: str, what: str) -> None:
+        assert self.bin is not None and self.dir is not None
+        # cwd: the postgres user may not be allowed into the caller's folder.
+        r = subprocess.run(
+            ["runuser", "-u", self.USER, "--", str(self.bin / tool), *args],
+            cwd=self.dir,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT + 30,
+        )
+        if r.returncode != 0:
+            raise ServiceUnavailable(
+                f"postgres_server: {what} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-1000:]}"
+                f"; log: {self._log_tail()}"
+            )
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log.read_text()[-1000:]
+        except (OSError, AssertionError):
+            return ""
+
+    def new_database(self, name: str) -> str:
+        """Create the empty database `name` (an error if it exists) and return its SQLAlchemy URL."""
+        assert self.bin is not None and self.port is not None
+        r = subprocess.run(
+            [str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.USER, name],
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"createdb {name} failed: {r.stderr.strip()}")
+        return self._url(name)
+
+    def _server_pids(self) -> list[int]:
+        """The postmaster and its children: every process whose command line names our data folder, or
+        whose parent is one of those (the children are renamed `postgres: checkpointer` and the like)."""
+        data = str(self.data)
+        procs: dict[int, tuple[int, str]] = {}
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            procs[int(p.name)] = (ppid, cmd)
+        ours = {pid for pid, (_, cmd) in procs.items() if data in cmd.split() and "postgres" in cmd}
+        ours |= {pid for pid, (ppid, _) in procs.items() if ppid in ours}
+        return sorted(pid for pid in ours if alive(pid))
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        if self.dir is not None and self.data.exists():
+            pids = self._server_pids()
+            if (self.data / "postmaster.pid").exists():
+                with contextlib.suppress(ServiceUnavailable, OSError, subprocess.SubprocessError):
+                    self._as_postgres(
+                        "pg_ctl", "stop", "-D", str(self.data), "-m", "immediate", "-w", "-t", "30",
+                        what="pg_ctl stop",
+                    )  # fmt: skip
+            pids += self._server_pids()
+            with contextlib.suppress(ServiceUnavailable):
+                wait_for(lambda: not any(alive(p) for p in pids), 15, "PostgreSQL to end", interval=0.1)
+            for pid in pids:  # pg_ctl failed or timed out: what is left is killed
+                if alive(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ServiceUnavailable):
+                wait_for(lambda: not any(alive(p) for p in pids), 10, "PostgreSQL to die", interval=0.1)
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+            with contextlib.suppress(OSError):
+                STATE_ROOT.rmdir()  # only if empty: the other services may still use it
         self.started = False

@@ -142,3 +142,40 @@ def test_preempted_job_requeues_and_resumes(slurm_cluster, tmp_path, verdict_pat
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), out[-4000:]
     assert "resumed from" in out, out[-4000:]
     assert sorted(steps_logged(run_dir)) == list(range(1, steps + 1)), out[-4000:]
+
+
+@pytest.mark.slow
+def test_search_job_array_shares_one_study(slurm_cluster, postgres_server, tmp_path, verdict_path):
+    """launch/slurm/search.sbatch as a 2-task array: both tasks are workers of one PostgreSQL study, and
+    the study's four trials run once each."""
+    import csv
+
+    study = tmp_path / "study"
+    space = tmp_path / "space.yaml"
+    space.write_text("train.peak_lr: [1.0e-3, 4.0e-3]\ntrain.warmup_steps: [2, 6]\n")
+    args = tiny_args(tmp_path / "unused", verdict_path, 6, **{"eval.interval": 3, "eval.iters": 1})
+    i = args.index("--checkpoint.dir")
+    del args[i : i + 2]  # each trial's folder is the search's to name
+    env = {
+        **os.environ,
+        "GPUS_PER_NODE": "0",
+        "SPACE": str(space),
+        "STUDY": str(study),
+        "STORAGE": postgres_server.new_database("search_array"),
+        "EXTRA": " ".join(args),
+    }
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "--wait", "--array=0-1", f"--output={tmp_path}/task_%a.log",
+         str(REPO / "launch" / "slurm" / "search.sbatch")],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    logs = [(tmp_path / f"task_{a}.log").read_text() for a in (0, 1) if (tmp_path / f"task_{a}.log").exists()]
+    assert proc.returncode == 0, f"{proc.stderr}\n" + "\n".join(log[-3000:] for log in logs)
+    assert len(logs) == 2 and all("search exited with 0" in log for log in logs), logs
+    with (study / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["number"] for r in rows) == ["0", "1", "2", "3"] and {r["state"] for r in rows} == {
+        "COMPLETE"
+    }
+    for n in range(4):  # each trial started once, by one of the tasks
+        assert (study / "trials" / f"{n:04d}" / "train.log").read_text().count("ds_trainer 0.1.0 | ") == 1
