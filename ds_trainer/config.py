@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,23 +12,11 @@ from typing import Any
 
 import yaml
 
-from ds_trainer.errors import DsTrainerError, Problems
+from ds_trainer.errors import ConfigError, Problems
 from ds_trainer.model import PRESETS, GPTConfig
+from ds_trainer.yaml_io import YamlLoader, read_yaml
 
-
-class ConfigError(DsTrainerError):
-    """One or more problems in the run config, all listed in one message."""
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads floats like 1e-5: YAML 1.1 wants a dot and would hand back a string."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+__all__ = ["ConfigError", "RunConfig", "load_run_config", "read_yaml"]  # ConfigError's home is errors
 
 
 @dataclass
@@ -168,6 +155,9 @@ class TrainSection:
     run saves a checkpoint and exits with 85 ("requeue me"), leaving room for one more step and a save."""
     stop_grace: float = 600.0
     """Seconds a stop (SIGTERM, SIGUSR1 or the time limit) may spend saving before the process exits anyway."""
+    compile: bool = False
+    """Compile the model with torch.compile through DeepSpeed's `engine.compile()` (the JSON's `compile`
+    section tunes it). The first step of each process pays the compilation; its time is logged."""
     watchdog_timeout: float = 1800.0
     """Seconds without progress (a step, an evaluation or a save finishing) after which a rank dumps every
     thread's stack and exits non-zero; longer than the slowest save. 0 disables."""
@@ -315,9 +305,14 @@ class LogSection:
     """Weights & Biases entity (user or team); empty: wandb's default."""
     wandb_run_name: str = ""
     """Weights & Biases run name; empty: the run folder's name."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device in the run's precision, what MFU is measured against. Default: the
+    datasheet figure for known GPUs (ds_trainer/flops.py), a matmul probe at start-up on a CPU."""
 
     def problems(self) -> list[str]:
         out = _below("log", self, ("interval",), 1)
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            out.append(f"log.peak_tflops must be > 0, got {self.peak_tflops}")
         if self.wandb_project and importlib.util.find_spec("wandb") is None:
             out.append(
                 f"log.wandb_project={self.wandb_project!r} needs wandb, which is not installed; "
@@ -431,7 +426,7 @@ def _parse_cli_value(raw: str, tp: Any) -> Any:
     if base is str:
         return raw
     try:
-        return yaml.load(raw, Loader=_Loader)
+        return yaml.load(raw, Loader=YamlLoader)
     except yaml.YAMLError:
         return raw
 
@@ -460,20 +455,6 @@ def parse_overrides(argv: list[str]) -> tuple[dict[str, dict[str, str]], list[st
         section, _, name = key.partition(".")
         out.setdefault(section, {})[name] = raw
     return out, problems
-
-
-def read_yaml(path: str, what: str, flag: str) -> Any:
-    """A user's YAML file (floats like 1e-5 read as floats), or one line naming the file, the line and the
-    flag to fix."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what} {path} not found; pass an existing YAML file to {flag}")
-    try:
-        return yaml.load(p.read_text(), Loader=_Loader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{what} {path}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
 
 
 def load_run_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -557,30 +538,33 @@ def cross_section_problems(cfg: RunConfig) -> list[str]:
             f"pipeline.micro_batches={micro_batches} and train.gradient_accumulation_steps="
             f"{train.gradient_accumulation_steps} are the same setting; give one"
         )
-    if pipeline.stages > 1 and train.rampup_start_batch is not None:
-        out.append(
-            # The pipeline engine runs a fixed number of micro-batches per step and steps the schedule per call.
-            f"train.rampup_start_batch={train.rampup_start_batch} with pipeline.stages={pipeline.stages}: the pipeline "
-            "engine trains a fixed batch; remove train.rampup_start_batch or set pipeline.stages to 1"
-        )
-    if pipeline.stages > 1 and cfg.guard.changed():
-        out.append(
-            # The pipeline engine runs forward, backward and the update in one call: no verdict fits between.
-            f"{', '.join(cfg.guard.changed())} set with pipeline.stages={pipeline.stages}: the pipeline engine updates "
-            "inside one call, so the loss guard cannot withhold an update; remove the guard settings or set "
-            "pipeline.stages to 1"
-        )
-    if pipeline.stages > 1 and cfg.train.clip_from_step > 0:
-        out.append(
-            f"train.clip_from_step={cfg.train.clip_from_step} with pipeline.stages={pipeline.stages}: clipping that "
-            "starts mid-run is built for the data-parallel step only; remove it or set pipeline.stages to 1"
-        )
+    if pipeline.stages > 1:
+        out += [
+            f"{setting} with pipeline.stages={pipeline.stages}: {why}; remove it or set pipeline.stages to 1"
+            for setting, why in _pipeline_refusals(cfg)
+        ]
     if pipeline.stages > 1 and gpt is not None and not gpt.problems() and pipeline.stages > gpt.n_layer:
         out.append(
             f"pipeline.stages={pipeline.stages} exceeds model.n_layer={gpt.n_layer}; use at most {gpt.n_layer} "
             "stages (one block each)"
         )
     return out
+
+
+def _pipeline_refusals(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(setting, why) for each setting the pipeline engine cannot honour: it trains a fixed number of
+    micro-batches, with forward, backward and the update inside one call, stage by stage."""
+    train, guard = cfg.train, ", ".join(cfg.guard.changed())
+    refusals = [  # (set?, setting, why)
+        (train.rampup_start_batch is not None, f"train.rampup_start_batch={train.rampup_start_batch}", "the "
+         "pipeline engine trains a fixed batch"),
+        (bool(guard), f"{guard} set", "the pipeline engine updates inside one call, so the loss guard cannot withhold an "
+         "update"),
+        (train.clip_from_step > 0, f"train.clip_from_step={train.clip_from_step}", "clipping that starts "
+         "mid-run is built for the data-parallel step only"),
+        (train.compile, "train.compile=true", "DeepSpeed compiles one whole module, not a pipeline's stages"),
+    ]  # fmt: skip
+    return [(setting, why) for on, setting, why in refusals if on]
 
 
 def _below(section: str, values: object, keys: tuple[str, ...], floor: int) -> list[str]:

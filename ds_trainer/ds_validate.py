@@ -408,4 +408,8 @@ def json_problems(cfg: dict[str, Any], source: str, run: RunConfig, steps: int) 
             out += unknown_key_problems(values, rules, f"{section}.", source, f"DeepSpeed's {section}")
     out += optimizer_problems(cfg, source)
     out += scheduler_problems(cfg, source, run, steps)
+    if "compile" in cfg and not run.train.compile:  # DeepSpeed reads it only inside engine.compile()
+        out.append(
+            f"{source}: compile tunes torch.compile, which is off; set train.compile true or remove it"
+        )
     return out

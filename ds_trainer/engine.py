@@ -61,8 +61,11 @@ def data_parallel_coords(engine: deepspeed.DeepSpeedEngine) -> tuple[int, int]:
 
 
 def build_engine(
-    model: nn.Module, ds: ResolvedDSConfig, decay_all: bool = False
+    model: nn.Module, ds: ResolvedDSConfig, decay_all: bool = False, compile: bool = False
 ) -> deepspeed.DeepSpeedEngine:
+    """The engine over `model`. With `compile`, DeepSpeed's `engine.compile()` wraps the module in
+    torch.compile with the accelerator's backend (inductor), tuned by the JSON's `compile` section; the
+    graphs are built lazily, in the first forward and backward."""
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=parameter_groups(model, decay_all),
@@ -70,4 +73,6 @@ def build_engine(
         lr_scheduler=ds_internals.client_scheduler(ds.config),  # None: DeepSpeed builds the JSON's
     )
     ds_internals.start_schedule_at_zero(scheduler)
+    if compile:
+        engine.compile()
     return engine

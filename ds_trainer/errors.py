@@ -24,6 +24,10 @@ class DsTrainerError(Exception):
 PROBLEM_SEPARATOR = "; "
 
 
+class ConfigError(DsTrainerError):
+    """One or more problems in the run config (or a file it names), all listed in one message."""
+
+
 def join_problems(problems: Iterable[str]) -> str:
     return PROBLEM_SEPARATOR.join(problems)
 

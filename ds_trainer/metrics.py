@@ -197,9 +197,18 @@ def format_duration(seconds: float) -> str:
 
 
 def console_line(
-    step: int, total: int, epoch: int, loss: float, lr: float, step_ms: float, tok_s: float, eta_s: float
+    step: int,
+    total: int,
+    epoch: int,
+    loss: float,
+    lr: float,
+    step_ms: float,
+    tok_s: float,
+    eta_s: float,
+    mfu: float | None = None,
 ) -> str:
+    utilisation = "" if mfu is None else f"MFU {mfu:.1%} | "
     return (
         f"step {step}/{total} | epoch {epoch} | loss {loss:.3f} | lr {lr:.1e} | {step_ms:,.0f} ms/step | "
-        f"{tok_s:,.0f} tok/s | eta {format_duration(eta_s)}"
+        f"{tok_s:,.0f} tok/s | {utilisation}eta {format_duration(eta_s)}"
     )

@@ -29,6 +29,7 @@ from ds_trainer.engine import build_engine, build_model, data_parallel_coords
 from ds_trainer.errors import Problems
 from ds_trainer.evaluator import Evaluator
 from ds_trainer.faults import Faults
+from ds_trainer.flops import run_utilisation
 from ds_trainer.guard import IncidentLog, LossGuard
 from ds_trainer.metrics import Metrics
 from ds_trainer.model import GPT, GPTConfig
@@ -177,7 +178,11 @@ def build_trainer(
         # Before deepspeed.initialize: ZeRO-1/2 copy their fp32 master weights from the model there.
         load_initial_weights(model, run.model.init_from, inputs.gpt_config)
         metrics.print_line(f"initial weights from model.init_from {run.model.init_from}")
-    engine = build_engine(model, ds, run.train.decay_all_parameters)
+    # Before the engine: torch.compile starts its compiler workers there, which would slow a CPU's probe.
+    utilisation, measured_against = run_utilisation(
+        inputs.gpt_config, run.context_length, inputs.world, ds.precision, run.log.peak_tflops, rank == 0
+    )
+    engine = build_engine(model, ds, run.train.decay_all_parameters, run.train.compile)
     seed_everything(run.train.seed + 1 + rank)  # different dropout draws per rank
     dp_rank, dp_size = data_parallel_coords(engine)
     stream = SampleStream(inputs.train_data.sizes(), inputs.weights, run.train.seed)
@@ -195,13 +200,14 @@ def build_trainer(
             "loss guard off: the pipeline engine updates inside one call, so no update can be withheld"
         )
     metrics.print_line(banner(run, inputs, ds, dp_size))
+    metrics.print_line(measured_against)
     incidents = IncidentLog(run.run_dir / "incidents.jsonl" if rank == 0 else None)
     return Trainer(
         total_steps=ds.total_steps,
         progress=progress,
         batches=BatchSource(sampler, ds, inputs.train_data.context_length),
         step=step,
-        log=StepLogger(metrics, run.log.interval, ds.total_steps, progress),
+        log=StepLogger(metrics, run.log.interval, ds.total_steps, progress, utilisation, engine.is_compiled),
         recovery=Recovery(engine, guard, checkpointer, sampler, progress, incidents, metrics),
         faults=inputs.faults,
         evaluator=Evaluator(

@@ -15,6 +15,7 @@ from ds_trainer.metrics import Metrics, console_line, memory_scalars
 
 if TYPE_CHECKING:
     from ds_trainer.checkpoint import Progress
+    from ds_trainer.flops import Utilisation
     from ds_trainer.step import StepResult
 
 
@@ -39,8 +40,18 @@ class LogWindow:
 
 
 class StepLogger:
-    def __init__(self, metrics: Metrics, interval: int, total_steps: int, progress: Progress) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        interval: int,
+        total_steps: int,
+        progress: Progress,
+        utilisation: Utilisation | None = None,
+        compiled: bool = False,
+    ) -> None:
         self.metrics = metrics
+        self.utilisation = utilisation
+        self.compiled = compiled
         self.interval = interval
         self.total_steps = total_steps
         self.progress = progress
@@ -55,6 +66,12 @@ class StepLogger:
     def after_step(self, result: StepResult) -> None:
         self.window.add(result.batch.tokens, result.seconds, result.loss)
         self.session_steps += 1
+        if self.compiled and self.session_steps == 1:  # each process compiles in its first step
+            self.metrics.scalars(result.step, {"perf/compile_step_s": result.seconds})
+            self.metrics.print_line(
+                f"step {result.step} took {result.seconds:.1f} s with torch.compile's compilation; "
+                "the steps after it run the compiled graphs"
+            )
         if not self.is_due(result.step):
             return
         loss, step_s, tok_s = self.window.take()
@@ -71,6 +88,12 @@ class StepLogger:
             "perf/step_ms": step_s * 1000,
             **memory_scalars(),
         }
+        mfu = None
+        if self.utilisation is not None:
+            scalars["perf/tflops_per_device"] = self.utilisation.tflops_per_device(tok_s)
+            mfu = self.utilisation.mfu(tok_s)
+            if mfu is not None:
+                scalars["perf/mfu"] = mfu
         if result.grad_norm is not None:
             scalars["train/grad_norm"] = result.grad_norm
         if result.loss_scale is not None:
@@ -85,5 +108,6 @@ class StepLogger:
             step_s * 1000,
             tok_s,
             eta,
+            mfu,
         )
         self.metrics.print_line(line)

@@ -198,6 +198,11 @@ def test_value_problems(overrides, message):
             ["--pipeline.stages", "2", "--train.rampup_start_batch", "4", "--train.rampup_samples", "40"],
             "train.rampup_start_batch=4 with pipeline.stages=2: the pipeline engine trains a fixed batch",
         ),
+        (
+            ["--pipeline.stages", "2", "--train.compile", "true"],
+            "train.compile=true with pipeline.stages=2: DeepSpeed compiles one whole module, not a pipeline's "
+            "stages; remove it or set pipeline.stages to 1",
+        ),
     ],
 )
 def test_pipeline_value_problems(overrides, message):

@@ -386,6 +386,18 @@ def test_shipped_json_resolves(path, accelerator, tmp_path):
     assert raw == given  # resolve works on a copy
 
 
+def test_a_compile_section_needs_train_compile():
+    raw, source = load_ds_json(str(REPO / "ds_configs" / "zero3.json"))
+    raw["compile"] = {"deepcompile": False}
+    off = load_run_config(str(REPO / "ds_configs" / "runs" / "tiny.yaml"))
+    with pytest.raises(
+        DsTrainerError, match="compile tunes torch.compile, which is off; set train.compile true"
+    ):
+        resolve(raw, source, off, 2, 1000, "cpu")
+    on = load_run_config(str(REPO / "ds_configs" / "runs" / "tiny.yaml"), ["--train.compile", "true"])
+    assert resolve(raw, source, on, 2, 1000, "cpu").config["compile"] == {"deepcompile": False}
+
+
 # --- batch ramp-up ----------------------------------------------------------------------------------------
 
 

@@ -34,6 +34,10 @@ def test_format_duration(seconds, text):
 def test_console_line_has_the_documented_form():
     line = console_line(120, 5000, 1, 4.21349, 5.94e-4, 812.4, 1262.2, 3900)
     assert line == "step 120/5000 | epoch 1 | loss 4.213 | lr 5.9e-04 | 812 ms/step | 1,262 tok/s | eta 1h05m"
+    line = console_line(120, 5000, 1, 4.21349, 5.94e-4, 812.4, 1262.2, 3900, mfu=0.2134)
+    assert line == (
+        "step 120/5000 | epoch 1 | loss 4.213 | lr 5.9e-04 | 812 ms/step | 1,262 tok/s | MFU 21.3% | eta 1h05m"
+    )
 
 
 def test_only_rank_0_writes_and_prints(tmp_path, capsys):

@@ -227,7 +227,8 @@ def test_tensorboard_holds_every_scalar_and_the_sample(tmp_path, verdict_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
-    args = tiny_args(run, verdict_path, 6, **{"eval.interval": 3, "eval.iters": 2, "eval.sample_tokens": 8})
+    extra = {"eval.interval": 3, "eval.iters": 2, "eval.sample_tokens": 8, "log.peak_tflops": 0.002}
+    args = tiny_args(run, verdict_path, 6, **extra)
     proc = run_pretrain(["--ds_config", str(fp32(tmp_path / "ds.json", "zero1")), *args], ranks=0)
     ok(proc)
     acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "tensors": 0})
@@ -245,8 +246,24 @@ def test_tensorboard_holds_every_scalar_and_the_sample(tmp_path, verdict_path):
         "perf/tokens_per_sec",
         "perf/step_ms",
         "mem/host_rss_gb",
+        "perf/mfu",
+        "perf/tflops_per_device",
     }
     assert want <= tags, want - tags
+    # MFU: tokens/s x FLOPs per token (counted from the model by hand: tiny, context 32) / 1 device / peak.
+    per_token = 6 * (2 * 12 * 64 * 64 + 50257 * 64) + 12 * 2 * 32 * 64
+    assert (
+        f"{per_token:.3e} FLOPs per token; MFU against 0.002 TFLOP/s per device (log.peak_tflops)"
+        in proc.stdout
+    )
+    for m in (m for m in read_metrics(run) if "perf/mfu" in m):
+        assert m["perf/tflops_per_device"] == pytest.approx(
+            m["perf/tokens_per_sec"] * per_token / 1e12, rel=1e-9
+        )
+        assert m["perf/mfu"] == pytest.approx(m["perf/tflops_per_device"] / 0.002, rel=1e-9)
+    tb_mfu = [e.value for e in acc.Scalars("perf/mfu")]
+    assert tb_mfu == pytest.approx([m["perf/mfu"] for m in read_metrics(run) if "perf/mfu" in m], rel=1e-6)
+    assert len(tb_mfu) == 6
     tb_loss = {e.step: e.value for e in acc.Scalars("train/loss")}
     for step, value in losses(run).items():
         assert tb_loss[step] == pytest.approx(value, rel=1e-6)
@@ -268,7 +285,7 @@ def test_tensorboard_holds_every_scalar_and_the_sample(tmp_path, verdict_path):
     # The console line, one per log interval, from rank 0 only.
     console = re.findall(
         r"^step (\d+)/6 \| epoch 1 \| loss \d+\.\d{3} \| lr \d\.\de[-+]\d\d \| [\d,]+ ms/step \| "
-        r"[\d,]+ tok/s \| eta \d+m\d\ds$",
+        r"[\d,]+ tok/s \| MFU \d+\.\d% \| eta \d+m\d\ds$",
         proc.stdout,
         re.M,
     )

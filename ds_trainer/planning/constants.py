@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from ds_trainer.flops import GPU_PEAK_TFLOPS
+
 GIB = 2**30
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-DEFAULT_PEAK_TFLOPS = {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}
+DEFAULT_PEAK_TFLOPS = GPU_PEAK_TFLOPS["H100"]
 """Per device, dense: H100 SXM tensor cores for bf16/fp16; fp32 without TF32 (PyTorch's default)."""
 TOKENS_PER_PARAM = 20.0
 MEMORY_MARGIN = 0.10
