@@ -6,10 +6,12 @@
 #
 #   bash benchmarks/gpu_check.sh                 # from the repository root
 #   STEPS=40 OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh
+#   SMOKE=1 bash benchmarks/gpu_check.sh         # the plumbing on a CPU with gpt2-tiny (tests/test_gpu_check.py)
 #
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STEPS=${STEPS:-40}
+SMOKE=${SMOKE:-0}
+STEPS=${STEPS:-$([ "$SMOKE" = 1 ] && echo 8 || echo 40)}
 OUT=${OUT:-${TMPDIR:-/tmp}/gpu_check}
 PYTHON=${PYTHON:-python3}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/ds_trainer_torch_extensions}
@@ -18,7 +20,7 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/ds_trainer_torc
 mkdir -p "$OUT"
 start=$(date +%s)
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
+[ "$SMOKE" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
 "$PYTHON" launch/build_ops.py || exit 1
 
 # name | preset | DeepSpeed JSON | micro-batch | extra flags
@@ -36,10 +38,11 @@ RUNS=(
 )
 for spec in "${RUNS[@]}"; do
   IFS='|' read -r name preset json batch extra <<< "$spec"
+  [ "$SMOKE" = 1 ] && preset=gpt2-tiny batch=2
   run="$OUT/${name// /_}"
   rm -rf "$run"
-  echo "[$(( $(date +%s) - start )) s] $name"
-  deepspeed --num_gpus 1 --master_port "$("$PYTHON" -c 'from ds_trainer.process import free_port; print(free_port())')" \
+  echo "[$(( $(date +%s) - start )) s] $name"  # (importing DeepSpeed may print a line first: the port is last)
+  deepspeed --num_gpus 1 --master_port "$("$PYTHON" -c 'from ds_trainer.process import free_port; print(free_port())' | tail -n 1)" \
     launch/pretrain.py --ds_config "ds_configs/$json" --model.preset "$preset" --model.dropout 0 \
     --train.micro_batch_size "$batch" --train.max_steps "$STEPS" --train.warmup_steps 5 --eval.interval 0 \
     --log.interval 1 --checkpoint.dir "$run" --checkpoint.save_interval 0 $extra > "$run.log" 2>&1 \

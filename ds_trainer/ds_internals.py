@@ -193,6 +193,20 @@ def replay_cpu_adam_bias_correction(engine: Any) -> int:
     return t
 
 
+def skip_lone_gradient_allreduce(engine: Any) -> None:
+    """No gradient all-reduce for a lone data-parallel rank without ZeRO.
+
+    DeepSpeed 0.19.8's stage-0 engine reduces after every backward at a boundary even over a group of
+    one (`allreduce_gradients` -> `buffered_allreduce_fallback`): it flattens every gradient into buckets,
+    all-reduces them with itself and copies them back, two full passes over the gradients that change
+    nothing (a quarter of a GPT-2 124M step on a CPU, benchmarks/throughput.py). `enable_backward_allreduce`
+    is the engine's own switch for that reduction; the pipeline engine turns it off the same way.
+    """
+    if engine.enable_backward_allreduce is not True:  # read first: a renamed attribute fails loudly here
+        raise RuntimeError("DeepSpeed's engine.enable_backward_allreduce is not True after initialize")
+    engine.enable_backward_allreduce = False
+
+
 # --- pipeline --------------------------------------------------------------------------------------------
 
 

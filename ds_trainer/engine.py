@@ -73,6 +73,8 @@ def build_engine(
         lr_scheduler=ds_internals.client_scheduler(ds.config),  # None: DeepSpeed builds the JSON's
     )
     ds_internals.start_schedule_at_zero(scheduler)
+    if ds.zero_stage == 0 and ds.pipeline_stages == 1 and ds.data_parallel_size == 1:
+        ds_internals.skip_lone_gradient_allreduce(engine)
     if compile:
         engine.compile()
     return engine

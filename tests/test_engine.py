@@ -365,28 +365,53 @@ def test_two_rank_run_leaves_no_shared_memory_behind(tmp_path, verdict_path):
     assert set(SHM_DIR.glob(SHM_PREFIX + "*")) - before == set()
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_no_decay_group_survives_deepspeed_initialize(stage, process_group):
-    """DeepSpeed rebuilds the optimizer's groups (ZeRO-2 flattens them); the no-decay group must keep 0."""
+def one_rank_engine(model: nn.Module, stage: int):
+    """The engine build_engine makes over `model` for one rank with the built-in JSON at ZeRO `stage`."""
     import copy
 
     from ds_trainer.config import load_run_config
     from ds_trainer.ds_config import DEFAULT_DS_CONFIG, resolve
-    from ds_trainer.ds_internals import innermost_optimizer
     from ds_trainer.engine import build_engine
 
-    run = load_run_config(None, ["--train.max_steps", "1"])
     raw = copy.deepcopy(DEFAULT_DS_CONFIG)
     raw["zero_optimization"] = {"stage": stage}
-    ds = resolve(raw, "test", run, 1, 1000, "cpu")
-    model = GPT(run.gpt_config())
+    ds = resolve(raw, "test", load_run_config(None, ["--train.max_steps", "1"]), 1, 1000, "cpu")
+    return build_engine(model, ds)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_no_decay_group_survives_deepspeed_initialize(stage, process_group):
+    """DeepSpeed rebuilds the optimizer's groups (ZeRO-2 flattens them); the no-decay group must keep 0."""
+    from ds_trainer.ds_internals import innermost_optimizer
+
+    model = GPT(TINY)
     sizes = [sum(p.numel() for p in g["params"]) for g in parameter_groups(model)]
-    engine = build_engine(model, ds)
+    engine = one_rank_engine(model, stage)
     groups = innermost_optimizer(engine).param_groups
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     got = [sum(p.numel() for p in g["params"]) for g in groups]
     # ZeRO pads each flat group to an alignment boundary (a few elements).
     assert got == pytest.approx(sizes, abs=64), (got, sizes)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_lone_rank_without_zero_skips_the_gradient_allreduce(stage, process_group):
+    """One rank at stage 0: no all-reduce with itself after backward, and the same gradients as plain torch."""
+    import copy
+
+    import torch
+
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    plain = copy.deepcopy(model)
+    engine = one_rank_engine(model, stage)
+    assert engine.enable_backward_allreduce is (stage != 0)  # ZeRO-1 moves gradients into its partition
+    x = torch.randint(0, TINY.vocab_size, (2, 16))
+    engine.backward(engine(x, x))
+    plain(x, x).backward()
+    if stage == 0:
+        for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.slow
