@@ -214,9 +214,12 @@ class DataParallelStep(ModelRunner):
 
     def _grad_norm(self) -> float:
         # Called after DeepSpeed's all-reduce at the boundary, so every rank holds the full averaged gradient.
-        # torch's own norm, one fused kernel per dtype and device (clip_grad_norm_ computes it the same way).
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True))
+        sq = sum(
+            p.grad.detach().float().pow(2).sum()
+            for p in self.engine.module.parameters()
+            if p.grad is not None
+        )
+        return float(torch.as_tensor(sq).sqrt())
 
     @torch.no_grad()
     def eval_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
