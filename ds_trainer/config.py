@@ -158,6 +158,9 @@ class TrainSection:
     compile: bool = False
     """Compile the model with torch.compile through DeepSpeed's `engine.compile()` (the JSON's `compile`
     section tunes it). The first step of each process pays the compilation; its time is logged."""
+    host_memory_gb: float | None = None
+    """Host memory per node, GiB, that the JSON's "auto" offload sizes are derived from (docs/planning.md);
+    default: the machine's RAM or its cgroup's limit, whichever is lower."""
     watchdog_timeout: float = 1800.0
     """Seconds without progress (a step, an evaluation or a save finishing) after which a rank dumps every
     thread's stack and exits non-zero; longer than the slowest save. 0 disables."""
@@ -176,6 +179,8 @@ class TrainSection:
         if self.peak_lr is not None and self.peak_lr == 0:
             out.append("train.peak_lr must be > 0")
         out += _below("train", self, ("stop_grace", "watchdog_timeout", "clip_from_step"), 0)
+        if self.host_memory_gb is not None and self.host_memory_gb <= 0:
+            out.append(f"train.host_memory_gb must be > 0, got {self.host_memory_gb}")
         return out
 
     def _rampup_problems(self) -> list[str]:

@@ -31,6 +31,7 @@ from ds_trainer.ds_validate import (
     zero_stage,
 )
 from ds_trainer.errors import DsTrainerError, Problems
+from ds_trainer.offload import Host, resolve_offload
 
 DEFAULT_MICRO_BATCH = 4
 DEFAULT_PEAK_LR = 6e-4
@@ -169,12 +170,14 @@ def resolve(
     num_train_samples: int | None,
     accelerator: str,
     global_batch: int | None = None,
+    host: Host | None = None,
 ) -> ResolvedDSConfig:
     """Fill every "auto" and check the whole JSON; raises DsTrainerError naming all problems at once.
 
     `num_train_samples` is None when the data could not be read (its problem is reported beside these).
     `global_batch` is a checkpoint's global batch when resuming on another number of ranks: the
-    accumulation steps are chosen to keep it.
+    accumulation steps are chosen to keep it. `host` is the memory the offload sizes are derived from
+    (None: train.host_memory_gb, else this machine's).
     """
     cfg = copy.deepcopy(raw)
     problems = Problems()
@@ -191,6 +194,9 @@ def resolve(
     _resolve_optimizer_and_schedule(cfg, source, run, total_steps, problems)
     problems.extend(device_problems(cfg, source, accelerator))
     _resolve_activation_checkpointing(cfg, source, run, problems)
+    host = host or Host.detect(run.train.host_memory_gb)
+    weight_bytes = 2 if precision_enabled(cfg, "bf16") or precision_enabled(cfg, "fp16") else 4
+    resolve_offload(cfg, source, run.gpt_config(), weight_bytes, dp, host, problems)
     stage = zero_stage(cfg)
     if stages > 1 and stage > 1:
         problems.add(

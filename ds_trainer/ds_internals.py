@@ -193,6 +193,54 @@ def replay_cpu_adam_bias_correction(engine: Any) -> int:
     return t
 
 
+def restore_swapped_optimizer_state(engine: Any, load_dir: str, tag: str) -> int:
+    """Give the optimizer its state back after loading a checkpoint under NVMe optimizer offload.
+
+    DeepSpeed 0.19.8's load_checkpoint skips the ZeRO optimizer state when the optimizer is offloaded to
+    NVMe (engine.py: `if load_zero_checkpoint and not self.zero_nvme_offload_optimizer()`): it copies the
+    swapped fp32 weights and Adam moments back (offloaded_tensors/) but not the per-sub-group state that
+    says they exist and at which step, nor the sub-groups too small to swap, which live in memory. The next
+    step then starts Adam afresh (zero moments, step 1) and overwrites the moment files. This puts the saved
+    state back: for swapped sub-groups the step count, and the moments registered as swap files (read at
+    the next step); for the others the fp32 weights, the moments and the 16-bit weights made from them.
+    Returns the sub-groups restored.
+    """
+    if not engine.zero_nvme_offload_optimizer():
+        return 0
+    from deepspeed.runtime.zero.stage3 import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
+    from deepspeed.utils import groups
+
+    zero = engine.optimizer
+    saved = engine._get_all_zero_checkpoints(load_dir, tag)[groups._get_data_parallel_rank()]
+    state, fp32_saved = saved[OPTIMIZER_STATE_DICT]["state"], saved[FP32_FLAT_GROUPS]
+    zero._set_fp32_optimizer_param_groups()  # the order the state was saved in
+    try:
+        params = [p for g in zero.optimizer.param_groups for p in g["params"]]
+    finally:
+        zero._clear_fp32_optimizer_param_groups()
+    sub_group = {id(p): i for i, p in enumerate(zero.fp32_partitioned_groups_flat)}
+    swapper = zero.optimizer_swapper
+    for index, p in enumerate(params):
+        i, saved_state = sub_group[id(p)], state.get(index, {})
+        info = swapper.swap_params_info.get(p.ds_id)
+        if info is None:  # kept in memory: nothing of it was restored
+            p.data.copy_(fp32_saved[i])
+            zero.optimizer.state[p] = {
+                k: v.clone() if torch.is_tensor(v) else v for k, v in saved_state.items()
+            }
+            zero._reassign_or_swap_out_partitioned_parameters(i)
+            continue
+        # Moments stand in as zeros of the partition's size (that size makes them swappable); registering
+        # them points the swapper at their files, and releasing them leaves the files as the truth.
+        zero.optimizer.state[p] = {
+            k: torch.zeros(info.numel(), dtype=p.dtype) if torch.is_tensor(v) and v.dim() == 1 else v
+            for k, v in saved_state.items()
+        }
+        swapper._update_param_state_info(info, p)
+        info.release_memory()
+    return len(params)
+
+
 def skip_lone_gradient_allreduce(engine: Any) -> None:
     """No gradient all-reduce for a lone data-parallel rank without ZeRO.
 

@@ -133,6 +133,19 @@ def _torch_init(
     return weight, bias
 
 
+def parameter_sizes(cfg: GPTConfig) -> tuple[list[int], list[int]]:
+    """Element counts of ds_trainer.model.GPT's tensors, each tied tensor once: (one block's, those outside
+    the blocks). The tests check them against the model.
+
+    Per block: LayerNorms 2·2h, c_attn 3h² (+3h bias), attn c_proj h² + h, c_fc 4h² + 4h, mlp c_proj
+    4h² + h; outside: token and position embeddings, the final LayerNorm and, untied, the LM head.
+    """
+    h, v, t = cfg.n_embd, cfg.vocab_size, cfg.block_size
+    qkv_bias = [3 * h] if cfg.qkv_bias else []
+    block = [h, h, 3 * h * h, *qkv_bias, h * h, h, h, h, 4 * h * h, 4 * h, 4 * h * h, h]
+    return block, [v * h, t * h, h, h] + ([] if cfg.tie_embeddings else [v * h])
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()

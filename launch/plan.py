@@ -2,6 +2,7 @@
 
 python launch/plan.py --preset gpt2 --zero 2 --nodes 1 --gpus_per_node 8
 python launch/plan.py --n_layer 48 --n_head 25 --n_embd 1600 --micro_batch 16 --write ds_plan.json
+python launch/plan.py --preset gpt2-xl --micro_batch 1 --context 128 --host_memory 24GB --nvme_path /nvme
 
 The figures and formulas are documented in docs/planning.md. Sizes are GiB (2**30 bytes).
 """
@@ -53,13 +54,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--tokens", type=int, help="training tokens (default: 20 per parameter)")
     ap.add_argument("--write", metavar="PATH", help="write the suggested DeepSpeed JSON to PATH")
+    ap.add_argument(
+        "--host_memory",
+        metavar="SIZE",
+        help="host memory per node, e.g. 24GB (GB and GiB both mean 2**30 bytes): adds the offload layouts' "
+        "resident, pinned and NVMe bytes on that host, with the offload sizes ds_trainer derives for it",
+    )
+    ap.add_argument("--nvme_path", help="with --host_memory: the NVMe folder, whose free space is checked")
+    ap.add_argument(
+        "--cpu_ranks",
+        action="store_true",
+        help="with --host_memory: the ranks compute on the CPU (no GPU), so their device memory is host memory",
+    )
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
+        from ds_trainer.offload import Host, parse_memory
         from ds_trainer.planning import PlanRequest, format_plan, model_config, plan, write_suggestion
+        from ds_trainer.planning.planner import host_plan
+        from ds_trainer.planning.report import format_host
 
         cfg = model_config(
             args.preset, args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab_size
@@ -84,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         result = plan(request)
         print(format_plan(result), flush=True)
+        if args.host_memory is not None:
+            host = Host(parse_memory(args.host_memory, "--host_memory"), args.gpus_per_node)
+            needs = host_plan(request, host, args.nvme_path, args.cpu_ranks)
+            print("\n" + format_host(needs, args.gpus_per_node, args.cpu_ranks), flush=True)
+        elif args.nvme_path or args.cpu_ranks:
+            raise DsTrainerError("--nvme_path and --cpu_ranks describe the host: give --host_memory too")
         if args.write:
             path = write_suggestion(result, args.write)
             print(f"wrote {path}")

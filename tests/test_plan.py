@@ -485,3 +485,74 @@ def test_launcher_writes_the_suggestion(tmp_path, capsys):
     assert "no DeepSpeed config fits" in captured.out
     assert captured.err.startswith("error: no DeepSpeed config fits") and captured.err.count("\n") == 1
     assert not bad.exists()
+
+
+# --- the host (issue 15: offload on a host smaller than the model's states) ------------------------------
+
+
+def test_host_figures_are_the_offload_terms_for_gpt2_tiny():
+    from ds_trainer.offload import Host
+    from ds_trainer.planning.constants import HOST_PROCESS_BASE
+    from ds_trainer.planning.host import host_needs
+
+    p, wte = 3_324_736, 50257 * 64  # gpt2-tiny's parameters and its largest
+    needs = {n.base_file: n for n in host_needs(PRESETS["gpt2-tiny"], "bf16", Host(GIB), 1)}
+    assert (needs["zero3"].resident, needs["zero3"].pinned, needs["zero3"].nvme) == (HOST_PROCESS_BASE, 0, 0)
+    nvme = needs["zero3_offload_nvme"]
+    # fp32 gradients 4P, 4 swap buffers of a sub-group (all of P here), the parameters kept in CPU memory (2P)
+    # and 5 parameter swap buffers of the embedding; on NVMe fp32 weights, moments and gradients and the
+    # 16-bit parameters. Everything is pinned on a 1 GiB host.
+    assert nvme.resident == HOST_PROCESS_BASE + 4 * p + 4 * p * 4 + 2 * p + 5 * wte * 2
+    assert nvme.pinned == nvme.resident - HOST_PROCESS_BASE
+    assert nvme.nvme == 18 * p
+    cpu = needs["zero3_offload_cpu"]
+    assert (cpu.resident, cpu.pinned, cpu.nvme) == (HOST_PROCESS_BASE + 18 * p, 18 * p, 0)
+    assert needs["zero2_offload_cpu"].resident == HOST_PROCESS_BASE + 18 * p  # with the 16-bit staging copy
+    assert all(n.fits for n in needs.values())
+
+
+def test_two_ranks_per_node_double_the_node_figures():
+    from ds_trainer.offload import Host
+    from ds_trainer.planning.host import host_needs
+
+    one = {n.base_file: n for n in host_needs(PRESETS["gpt2"], "bf16", Host(GIB * 64), 1)}
+    two = {n.base_file: n for n in host_needs(PRESETS["gpt2"], "bf16", Host(GIB * 64, ranks=2), 2)}
+    # Each rank holds half the states (its partition) plus its own process: the node holds one more process.
+    cpu1, cpu2 = one["zero3_offload_cpu"], two["zero3_offload_cpu"]
+    assert cpu2.resident - cpu1.resident == pytest.approx(GIB // 2, abs=64)
+
+
+def test_launcher_compares_the_layouts_on_a_host(tmp_path):
+    r = _launch("--preset", "gpt2-xl", "--micro_batch", "1", "--context", "128", "--host_memory", "24GB",
+                "--nvme_path", str(tmp_path), "--cpu_ranks")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line for line in r.stdout.splitlines() if line.startswith("  zero")}
+    assert set(rows) == {
+        "zero3.json",
+        "zero2_offload_cpu.json",
+        "zero3_offload_cpu.json",
+        "zero3_offload_nvme.json",
+    }
+    # gpt2-xl's fp32 states (25 GB) do not fit a 24 GiB host; NVMe offload does where the disk has room.
+    assert "does NOT fit (needs" in rows["zero3_offload_cpu.json"]
+    suggestion = r.stdout.splitlines()[-1]
+    disk_room = "fits" in rows["zero3_offload_nvme.json"]
+    assert suggestion.startswith(
+        "host suggestion  zero3_offload_nvme.json" if disk_room else "host suggestion  none"
+    )
+    if disk_room:
+        assert "offload_param.buffer_size=80411200" in suggestion and "sub_group_size=100663296" in suggestion
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "gpt2", "--host_memory", "24XB"], "--host_memory='24XB' is not a memory size"),
+        (["--preset", "gpt2", "--host_memory", "0GB"], "is not a memory size"),
+        (["--preset", "gpt2", "--nvme_path", "/tmp"], "give --host_memory too"),
+    ],
+)
+def test_launcher_refuses_a_bad_host(argv, message, capsys):
+    assert _launcher_main()(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err

@@ -131,6 +131,7 @@ class Checkpointer:
             )
         if plan.universal and self.engine.zero_optimization_stage() == 3:
             self._restore_param_groups(self.dir / plan.load_tag)
+        ds_internals.restore_swapped_optimizer_state(self.engine, str(self.dir), plan.load_tag)
         for k, o in self.shared.items():
             o.load_state_dict(client[CLIENT_KEY][k])
         rng = self.dir / plan.load_tag / rng_file(self.rank)

@@ -54,7 +54,7 @@ def layout_ds_config(layout: Layout) -> tuple[str, dict[str, Any]]:
         ("offload_param", layout.offload_params),
     ):
         if device == "cpu":
-            zero[section] = {"device": "cpu", "pin_memory": True}
+            zero[section] = {"device": "cpu", "pin_memory": "auto"}
         elif device == "nvme":
             zero[section] = copy.deepcopy(nvme[section])
     return name, cfg

@@ -6,13 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 from ds_trainer.ds_internals import estimate_model_states
+from ds_trainer.ds_rules import AUTO
 from ds_trainer.ds_validate import zero_stage
 from ds_trainer.model import GPTConfig
 from ds_trainer.planning.constants import (
     DS_DDP_ALLREDUCE_BUCKET,
     DS_DEFAULT_BUCKET,
-    DS_DEFAULT_PREFETCH_BUCKET,
-    DS_DEFAULT_SUB_GROUP,
+    DS_PREFETCH_BUCKET,
+    DS_SUB_GROUP,
     DTYPE_BYTES,
 )
 from ds_trainer.planning.figures import Activations, DeepSpeedEstimate, Layout, ModelStates, ParamCount
@@ -87,7 +88,7 @@ def model_states(
         gpu_opt = (8 + master) * p / n
 
     # The update's fp32 gradient copies, next to the buffer they are copied from.
-    groups = [min(g, DS_DEFAULT_SUB_GROUP) if stage == 3 else g for g in params.groups]
+    groups = [min(g, DS_SUB_GROUP) if stage == 3 else g for g in params.groups]
     if stage == 0:
         # FP16_Optimizer: per group, a list of per-parameter fp32 copies, then their flat fp32 buffer;
         # the flat buffers of earlier groups stay.
@@ -195,15 +196,21 @@ def buffer_bytes(ds_config: dict[str, Any], params: ParamCount, dtype: str, worl
     w = DTYPE_BYTES[dtype]
     zero = ds_config.get("zero_optimization", {})
     stage = zero_stage(ds_config)
-    reduce = int(zero.get("reduce_bucket_size", DS_DEFAULT_BUCKET))
+    reduce = _setting(zero, "reduce_bucket_size", DS_DEFAULT_BUCKET)
     if stage == 0:
         return min(params.total, DS_DDP_ALLREDUCE_BUCKET) * w if world > 1 else 0
     if stage in (1, 2):
         overlap = bool(zero.get("overlap_comm", False))
         contiguous = bool(zero.get("contiguous_gradients", True))
-        allgather = int(zero.get("allgather_bucket_size", DS_DEFAULT_BUCKET))
+        allgather = _setting(zero, "allgather_bucket_size", DS_DEFAULT_BUCKET)
         buckets = reduce * (2 if overlap else 1) if contiguous else 0
         return (buckets + min(allgather, params.total)) * w
     overlap = bool(zero.get("overlap_comm", True))
-    prefetch = int(zero.get("stage3_prefetch_bucket_size", DS_DEFAULT_PREFETCH_BUCKET))
+    prefetch = _setting(zero, "stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET)
     return (reduce * (2 if overlap else 1) + prefetch + params.small) * w
+
+
+def _setting(zero: dict[str, Any], key: str, default: int) -> int:
+    """A size from the JSON; "auto" counts as DeepSpeed's default, the most the offload rules give it."""
+    value = zero.get(key, default)
+    return default if value == AUTO else int(value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ds_trainer.offload import Host
 from ds_trainer.planning.constants import GIB, GPU_FIXED_OVERHEAD, MEMORY_MARGIN
 from ds_trainer.planning.ds_json import CANDIDATES, layout_ds_config, load_base, suggested_ds_config
 from ds_trainer.planning.figures import (
@@ -16,6 +17,7 @@ from ds_trainer.planning.figures import (
     Plan,
     Suggestion,
 )
+from ds_trainer.planning.host import HOST_LAYOUTS, HostNeed, host_needs
 from ds_trainer.planning.memory import (
     activation_memory,
     buffer_bytes,
@@ -132,3 +134,18 @@ def plan(request: PlanRequest) -> Plan:
         suggestion=suggestion,
         no_fit_reason=no_fit_reason,
     )
+
+
+def host_plan(
+    request: PlanRequest, host: Host, nvme_path: str | None = None, device_on_host: bool = False
+) -> list[HostNeed]:
+    """The offload layouts on one node of `request`'s machine with `host`'s memory (docs/planning.md).
+    `device_on_host`: the ranks compute on the CPU, so each layout's per-GPU figure is host memory too."""
+    resolved = resolve_request(request)
+    sizer = _Sizer(resolved, count_parameters(resolved.cfg))
+    needs = {lay: sizer.need(lay, load_base(name), request.micro_batch, False) for name, lay in HOST_LAYOUTS}
+    if device_on_host:
+        device = {lay: n.gpu for lay, n in needs.items()}
+        return host_needs(resolved.cfg, request.dtype, host, sizer.world, device, nvme_path)
+    gpu = {lay: n.shortfall() for lay, n in needs.items() if n.gpu > n.gpu_usable}
+    return host_needs(resolved.cfg, request.dtype, host, sizer.world, None, nvme_path, gpu)

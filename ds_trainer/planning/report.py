@@ -8,6 +8,7 @@ from pathlib import Path
 from ds_trainer.errors import DsTrainerError
 from ds_trainer.planning.constants import GPU_FIXED_OVERHEAD, MEMORY_MARGIN, gib
 from ds_trainer.planning.figures import MemoryNeed, Plan
+from ds_trainer.planning.host import HostNeed
 
 
 def _millions(n: int) -> str:
@@ -135,6 +136,63 @@ def format_plan(p: Plan) -> str:
     """The plan as the table launch/plan.py prints (GiB with two decimals)."""
     sections = (_setup_lines, _states_lines, _activation_lines, _fit_lines, _compute_lines, _suggestion_lines)
     return "\n".join(line for section in sections for line in section(p))
+
+
+OFFLOAD_KEYS = (
+    "sub_group_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_max_reuse_distance",
+    "offload_optimizer.buffer_count",
+    "offload_optimizer.pin_memory",
+    "offload_param.buffer_count",
+    "offload_param.buffer_size",
+    "offload_param.max_in_cpu",
+    "offload_param.pin_memory",
+)
+
+
+def format_host(needs: list[HostNeed], ranks: int, on_cpu: bool) -> str:
+    """The offload layouts on one host (GiB per node), the first that fits and its derived offload sizes."""
+    h = needs[0]
+    disk = (
+        "NVMe not checked (no --nvme_path)"
+        if h.nvme_free is None
+        else f"{gib(h.nvme_free)} GiB free at --nvme_path"
+    )
+    lines = [
+        f"host        {gib(h.host_memory)} GiB, {ranks} rank(s) per node, {disk}; "
+        + (
+            "the ranks compute on the CPU, so their device memory is counted here too"
+            if on_cpu
+            else "GPU memory above"
+        ),
+        f"  {'GiB per node':<24} {'resident':>9} {'pinned':>8} {'NVMe':>8}   layout: fits?",
+    ]
+    for n in needs:
+        verdict = "fits" if n.fits else f"does NOT fit ({n.shortfall()})"
+        lines.append(
+            f"  {n.base_file + '.json':<24} {gib(n.resident):>9} {gib(n.pinned):>8} {gib(n.nvme):>8}   "
+            f"{n.layout.describe()}: {verdict}"
+        )
+    first = next((n for n in needs if n.fits), None)
+    if first is None:
+        lines.append(
+            f"host suggestion  none of these fits in {gib(h.host_memory)} GiB with a {MEMORY_MARGIN:.0%} margin"
+        )
+        return "\n".join(lines)
+    sizes = []
+    for key in OFFLOAD_KEYS:
+        section, _, name = key.rpartition(".")
+        value = (first.zero.get(section, {}) if section else first.zero).get(name)
+        if value is not None and (
+            not section or first.zero.get(section, {}).get("device") in ("cpu", "nvme")
+        ):
+            sizes.append(f"{key}={json.dumps(value)}")
+    lines.append(
+        f'host suggestion  {first.base_file}.json (the least offloaded layout that fits); its "auto" offload '
+        f"sizes on this host: {', '.join(sizes)}"
+    )
+    return "\n".join(lines)
 
 
 def write_suggestion(p: Plan, path: str | Path) -> Path:

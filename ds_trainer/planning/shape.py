@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ds_trainer.errors import DsTrainerError, join_problems
-from ds_trainer.model import PRESETS, GPTConfig
-from ds_trainer.planning.constants import DS_DEFAULT_PERSISTENCE_THRESHOLD
+from ds_trainer.model import PRESETS, GPTConfig, parameter_sizes
+from ds_trainer.planning.constants import DS_PERSISTENCE_THRESHOLD
 from ds_trainer.planning.figures import ParamCount
 
 
@@ -40,19 +40,11 @@ def model_config(
     return cfg
 
 
-def count_parameters(
-    cfg: GPTConfig, persistence_threshold: int = DS_DEFAULT_PERSISTENCE_THRESHOLD
-) -> ParamCount:
-    """Exact parameter count of ds_trainer.model.GPT for `cfg` (the tests check it against the model).
-
-    Per block: LayerNorms 2·2h, c_attn 3h² (+3h bias), attn c_proj h² + h, c_fc 4h² + 4h, mlp c_proj
-    4h² + h; plus token and position embeddings, the final LayerNorm and, untied, the LM head.
-    """
+def count_parameters(cfg: GPTConfig, persistence_threshold: int = DS_PERSISTENCE_THRESHOLD) -> ParamCount:
+    """Exact parameter count of ds_trainer.model.GPT for `cfg` (the tests check it against the model)."""
     h, v, t = cfg.n_embd, cfg.vocab_size, cfg.block_size
     qkv_bias = 3 * h if cfg.qkv_bias else 0
-    # (parameter count of each tensor) per block, then outside the blocks
-    block_tensors = [h, h, 3 * h * h, qkv_bias, h * h, h, h, h, 4 * h * h, 4 * h, 4 * h * h, h]
-    outer = [v * h, t * h, h, h] + ([] if cfg.tie_embeddings else [v * h])
+    block_tensors, outer = parameter_sizes(cfg)
     total = cfg.n_layer * sum(block_tensors) + sum(outer)
     # Modules and their own parameters, as DeepSpeed's model_to_params walks them.
     modules = [v * h, t * h, 3 * h * h + qkv_bias, h * h + h, 4 * h * h + 4 * h, 4 * h * h + h, 2 * h]
