@@ -147,7 +147,7 @@ SECTION_RULES: dict[str, dict[str, Any]] = {
     },
 }
 # Sections whose unknown keys are refused. Not aio: DeepSpeed 0.19 renamed thread_count to
-# intra_op_parallelism, and configs written for older versions (ours included) still carry it.
+# intra_op_parallelism, and configs written for older versions still carry it.
 CLOSED_SECTIONS = ("activation_checkpointing",)
 # Ranges DeepSpeed's fp16 model leaves open (it checks the types).
 FP16_RANGES = {

@@ -132,10 +132,6 @@ def test_bad_partition_is_reported_before_any_rank_starts(args, tmp_path):
 LAUNCH = REPO / "launch" / "pretrain.py"
 SHIPPED = sorted((REPO / "ds_configs").glob("*.json"))
 # Keys the systematic test does not feed bad values, each with the reason. Anything else is tested.
-EXEMPT = {
-    "aio.thread_count": "DeepSpeed 0.19.8 does not read it (aio_config.py reads intra_op_parallelism), so no "
-    "value of it can fail; test_exempt_keys_are_ignored_by_deepspeed proves that",
-}
 # Out-of-range values beyond the generic -1, for keys with an upper bound or a bound set by the run.
 MORE_OUT_OF_RANGE = {
     "zero_optimization.stage": [5],
@@ -223,8 +219,6 @@ def systematic_cases() -> list:
     cases = []
     for json_path in SHIPPED:
         for path, value in json_leaves(json.loads(json_path.read_text())):
-            if re.sub(r"\[\d+\]$", "", path) in EXEMPT:
-                continue
             for what, bad in bad_values(path, value):
                 cases.append(pytest.param(json_path, path, bad, id=f"{json_path.stem}:{path}:{what}:{bad!r}"))
     return cases
@@ -294,27 +288,10 @@ def test_every_shipped_json_key_refuses_a_bad_value(
 
 
 def test_systematic_cases_cover_every_shipped_file():
-    """Hundreds of cases, every file contributing, and every exemption still naming a shipped key."""
+    """Hundreds of cases, every file contributing."""
     cases = systematic_cases()
     assert len(cases) > 500
     assert {c.values[0] for c in cases} == set(SHIPPED)
-    shipped_keys = {
-        re.sub(r"\[\d+\]$", "", p) for f in SHIPPED for p, _ in json_leaves(json.loads(f.read_text()))
-    }
-    assert set(EXEMPT) <= shipped_keys, "an exemption names a key no shipped JSON has any more: remove it"
-
-
-@pytest.mark.parametrize("key", EXEMPT)
-def test_exempt_keys_are_ignored_by_deepspeed(key):
-    """What makes a key exempt: DeepSpeed's parsed settings are the same with any value of it or without it."""
-    from deepspeed.runtime.swap_tensor.aio_config import get_aio_config
-
-    section, name = key.split(".")
-    assert section == "aio", "only aio keys are exempt so far; prove a new kind of exemption here"
-    raw = json.loads((REPO / "ds_configs" / "zero3_offload_nvme.json").read_text())
-    without = {**raw, "aio": {k: v for k, v in raw["aio"].items() if k != name}}
-    for bad in ("lots", -1):
-        assert get_aio_config({**raw, "aio": {**raw["aio"], name: bad}}) == get_aio_config(without)
 
 
 # --- the cases of issue 10 §6, under the real launcher --------------------------------------------------
