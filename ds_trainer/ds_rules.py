@@ -146,9 +146,10 @@ SECTION_RULES: dict[str, dict[str, Any]] = {
         "use_gds": Flag(),
     },
 }
-# Sections whose unknown keys are refused. Not aio: DeepSpeed 0.19 renamed thread_count to
-# intra_op_parallelism, and configs written for older versions still carry it.
-CLOSED_SECTIONS = ("activation_checkpointing",)
+# Sections whose unknown keys are refused.
+CLOSED_SECTIONS = ("activation_checkpointing", "aio")
+# Keys DeepSpeed renamed: configs written for older versions still carry the old name, which 0.19 ignores.
+RENAMED_KEYS = {"thread_count": "intra_op_parallelism"}
 # Ranges DeepSpeed's fp16 model leaves open (it checks the types).
 FP16_RANGES = {
     "initial_scale_power": Num(0),  # a loss scale below 1 shrinks the gradients it should protect
@@ -211,6 +212,8 @@ def unknown_key(key: str, known: Any, prefix: str, source: str, takes: str, cont
     """The line for one unknown key: the closest known name, or every known name after `takes`."""
     close = closest(key, known)
     hint = f"did you mean '{close}'?" if close else f"{takes} {', '.join(sorted(known))}"
+    if RENAMED_KEYS.get(key) in known:
+        hint = f"DeepSpeed 0.19 reads it as '{prefix}{RENAMED_KEYS[key]}'"
     return f"{source}: unknown key '{prefix}{key}'{context}; {hint}"
 
 

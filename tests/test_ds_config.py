@@ -757,3 +757,15 @@ def test_weight_decay_and_max_norm_fill_the_json_like_every_auto_value():
     assert "optimizer.params.weight_decay=0.1 disagrees with train.weight_decay=0.2" in str(e.value)
     with pytest.raises(DsTrainerError, match="train.max_norm must be >= 0, got -1"):
         load_run_config(None, ["--train.max_norm", "-1"])
+
+
+def test_an_aio_key_deepspeed_renamed_is_refused_with_its_new_name():
+    """DeepSpeed 0.19 reads aio.intra_op_parallelism and ignores the thread_count of older configs."""
+    cfg = ds(aio={"block_size": 1048576, "thread_count": 2})
+    with pytest.raises(DsTrainerError) as e:
+        do_resolve(cfg)
+    assert str(e.value) == (
+        "test.json: unknown key 'aio.thread_count'; DeepSpeed 0.19 reads it as 'aio.intra_op_parallelism'"
+    )
+    with pytest.raises(DsTrainerError, match="unknown key 'aio.queue_depht'; did you mean 'queue_depth'"):
+        do_resolve(ds(aio={"queue_depht": 8}))
