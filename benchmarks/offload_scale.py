@@ -59,12 +59,16 @@ def one_run(preset: str, layout: str, steps: int, nvme_path: str, tmp: Path) -> 
         "--train.micro_batch_size", "1", "--train.max_steps", str(steps), "--eval.interval", "0",
         "--log.interval", "1", "--checkpoint.dir", str(run), "--checkpoint.save_interval", "0",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # One pipe for both streams: DeepSpeed warns on stderr at every step, and a second pipe left unread
+    # would fill and stall the run.
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     at_steps = []  # (seconds, bytes read from disk, bytes written) as each step's console line appears
+    last = ""
     for line in proc.stdout:
         if line.startswith("step "):
             at_steps.append((time.perf_counter(), *disk_bytes(proc.pid)))
-    stderr = proc.stderr.read()
+        if line.strip():
+            last = line.strip()
     proc.wait()
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # this wrapper ran one child
     metrics = run / "metrics.jsonl"
@@ -77,7 +81,7 @@ def one_run(preset: str, layout: str, steps: int, nvme_path: str, tmp: Path) -> 
         "peak": peak,
         "step_s": statistics.median(step_s) if step_s else None,
         "losses": losses,
-        "error": stderr.strip().splitlines()[-1] if proc.returncode and stderr.strip() else "",
+        "error": last if proc.returncode else "",
         "io": disk_rates(at_steps),
     }
 

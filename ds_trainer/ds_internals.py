@@ -208,10 +208,11 @@ def restore_swapped_optimizer_state(engine: Any, load_dir: str, tag: str) -> int
     if not engine.zero_nvme_offload_optimizer():
         return 0
     from deepspeed.runtime.zero.stage3 import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
-    from deepspeed.utils import groups
 
     zero = engine.optimizer
-    saved = engine._get_all_zero_checkpoints(load_dir, tag)[groups._get_data_parallel_rank()]
+    # DeepSpeed reads only this rank's file (the others' entries are None); index it as DeepSpeed does.
+    rank = torch.distributed.get_rank(group=zero.dp_process_group)
+    saved = engine._get_all_zero_checkpoints(load_dir, tag)[rank]
     state, fp32_saved = saved[OPTIMIZER_STATE_DICT]["state"], saved[FP32_FLAT_GROUPS]
     zero._set_fp32_optimizer_param_groups()  # the order the state was saved in
     try:

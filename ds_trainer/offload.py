@@ -62,7 +62,8 @@ class Host:
     def detect(cls, memory_gb: float | None = None) -> Host:
         """This machine: `memory_gb` (GiB) if given, else its RAM or its cgroup's limit, whichever is lower;
         the launcher's ranks per node."""
-        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        # torchrun says LOCAL_WORLD_SIZE, DeepSpeed's launcher LOCAL_SIZE.
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
         if memory_gb is not None:
             return cls(int(memory_gb * GIB), ranks)
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -170,9 +171,9 @@ class SectionBytes:
     pinnable: int
     nvme: int
 
-    @property
-    def pinned_if_asked(self) -> int:
-        return self.always_pinned + self.pinnable
+    def pinned(self, pin_memory: Any) -> int:
+        """Bytes pinned with this pin_memory setting."""
+        return self.always_pinned + (self.pinnable if pin_memory is True else 0)
 
 
 NOT_OFFLOADED = SectionBytes(0, 0, 0, 0)
@@ -299,15 +300,12 @@ class _Rules:
         """pin_memory "auto": on while what it pins, with what the sections before pinned, stays within half
         the rank's host memory."""
         if section.get("pin_memory") == AUTO:
-            section["pin_memory"] = held.pinned_if_asked <= self.pin_left
+            section["pin_memory"] = held.pinned(True) <= self.pin_left
         elif section.get("pin_memory") is True:
             self._beyond_host(
-                held.pinned_if_asked, f"zero_optimization.{name}.pin_memory=true pins", "pin_memory false"
+                held.pinned(True), f"zero_optimization.{name}.pin_memory=true pins", "pin_memory false"
             )
-        if section.get("pin_memory") is True:
-            self.pin_left -= held.pinned_if_asked
-        else:
-            self.pin_left -= held.always_pinned
+        self.pin_left -= held.pinned(section.get("pin_memory"))
 
     def _beyond_host(self, nbytes: int, what: str, fix: str) -> None:
         """A line when `nbytes` of pinned buffers exceed the rank's host memory; `fix` is what to set."""

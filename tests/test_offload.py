@@ -102,6 +102,15 @@ def test_gpt2_xl_on_a_24_gib_host(tmp_path):
     assert zero["offload_param"]["max_in_cpu"] == 1_557_611_200
 
 
+@pytest.mark.parametrize("variable", ["LOCAL_WORLD_SIZE", "LOCAL_SIZE"])  # torchrun's, DeepSpeed's launcher's
+def test_the_host_is_shared_by_the_launchers_local_ranks(monkeypatch, variable):
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "4")
+    host = Host.detect(24)
+    assert (host.memory_bytes, host.ranks, host.share) == (24 * GIB, 4, 6 * GIB)
+
+
 def test_tensors_match_the_model_as_built():
     from ds_trainer.model import GPT, GPTConfig
 

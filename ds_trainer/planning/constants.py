@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 from ds_trainer.flops import GPU_PEAK_TFLOPS
-from ds_trainer.offload import (  # noqa: F401 - re-exported: DeepSpeed's ZeRO-3 defaults live with the offload rules
-    DS_PERSISTENCE_THRESHOLD,
-    DS_PREFETCH_BUCKET,
-    DS_SUB_GROUP,
-    GIB,
-)
+from ds_trainer.offload import GIB
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 DEFAULT_PEAK_TFLOPS = GPU_PEAK_TFLOPS["H100"]

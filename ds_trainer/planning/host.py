@@ -91,9 +91,8 @@ def host_needs(
         resolve_offload(raw, name, cfg, w, world, host, problems)
         t = tensors_of(zero, cfg, world)
         opt, par = optimizer_bytes(zero, layout.stage, t, w), parameter_bytes(zero, t, w)
-        pinned = sum(
-            s.pinned_if_asked if section.get("pin_memory") is True else s.always_pinned
-            for s, section in ((opt, zero.get("offload_optimizer", {})), (par, zero.get("offload_param", {})))
+        pinned = opt.pinned(zero.get("offload_optimizer", {}).get("pin_memory")) + par.pinned(
+            zero.get("offload_param", {}).get("pin_memory")
         )
         device = (device_bytes or {}).get(layout, 0)
         per_rank = HOST_PROCESS_BASE + opt.resident + par.resident + device

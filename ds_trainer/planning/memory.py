@@ -9,11 +9,10 @@ from ds_trainer.ds_internals import estimate_model_states
 from ds_trainer.ds_rules import AUTO
 from ds_trainer.ds_validate import zero_stage
 from ds_trainer.model import GPTConfig
+from ds_trainer.offload import DS_PREFETCH_BUCKET, DS_SUB_GROUP
 from ds_trainer.planning.constants import (
     DS_DDP_ALLREDUCE_BUCKET,
     DS_DEFAULT_BUCKET,
-    DS_PREFETCH_BUCKET,
-    DS_SUB_GROUP,
     DTYPE_BYTES,
 )
 from ds_trainer.planning.figures import Activations, DeepSpeedEstimate, Layout, ModelStates, ParamCount

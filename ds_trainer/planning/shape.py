@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ds_trainer.errors import DsTrainerError, join_problems
 from ds_trainer.model import PRESETS, GPTConfig, parameter_sizes
-from ds_trainer.planning.constants import DS_PERSISTENCE_THRESHOLD
+from ds_trainer.offload import DS_PERSISTENCE_THRESHOLD
 from ds_trainer.planning.figures import ParamCount
 
 
