@@ -54,7 +54,8 @@ def gpt_config(shape: str):
     return GPTConfig.from_preset(model["preset"], **overrides) if model["preset"] else GPTConfig(**overrides)
 
 
-def ds_trainer_tokens_per_sec(shape: str, dtype: str, mode: str, steps: int, tmp: Path) -> float:
+def ds_trainer_command(shape: str, dtype: str, mode: str, steps: int, tmp: Path) -> tuple[list[str], Path]:
+    """The launch/pretrain.py command line for one case, and the run folder its metrics.jsonl lands in."""
     model, batch, corpus, _ = SHAPES[shape]
     ds = json.loads((REPO / "ds_configs" / "zero0.json").read_text())
     ds["bf16"] = {"enabled": dtype == "bf16"}
@@ -66,11 +67,27 @@ def ds_trainer_tokens_per_sec(shape: str, dtype: str, mode: str, steps: int, tmp
         "--log.interval=5", f"--checkpoint.dir={run}", "--checkpoint.save_interval=0", "--guard.spike_factor=0",
         f"--train.compile={mode == 'compiled'}",
     ]  # fmt: skip
-    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--ds_config", str(tmp / "ds.json"), *args]
-    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    return [
+        sys.executable,
+        str(REPO / "launch" / "pretrain.py"),
+        "--ds_config",
+        str(tmp / "ds.json"),
+        *args,
+    ], run
+
+
+def tokens_per_sec(shape: str, run: Path) -> float:
+    """Tokens/s over the logged steps after the first WARMUP, from a finished run's metrics.jsonl."""
+    model, batch, _, _ = SHAPES[shape]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     timed = [r["perf/step_ms"] for r in records if "perf/step_ms" in r and r["step"] > WARMUP]
     return batch * model["block_size"] / (sum(timed) / len(timed) / 1000)
+
+
+def ds_trainer_tokens_per_sec(shape: str, dtype: str, mode: str, steps: int, tmp: Path) -> float:
+    cmd, run = ds_trainer_command(shape, dtype, mode, steps, tmp)
+    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    return tokens_per_sec(shape, run)
 
 
 def plain_loop(shape: str, dtype: str, mode: str, steps: int) -> float:
@@ -115,13 +132,17 @@ def stats(xs: list[float]) -> str:
     return f"{min(xs):,.0f} / {statistics.median(xs):,.0f} / {max(xs):,.0f}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def repeats_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark over SHAPES takes: repeats, steps per run, shapes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=15, help="a multiple of 5")
     parser.add_argument("--shapes", default="small,appendix_d")
+    return parser
+
+
+def main() -> None:
+    parser = repeats_parser(__doc__)
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--modes", default="eager,compiled")
     parser.add_argument("--plain", nargs=3, metavar=("SHAPE", "DTYPE", "MODE"), help=argparse.SUPPRESS)

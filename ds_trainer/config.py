@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from ds_trainer.errors import ConfigError, Problems
+from ds_trainer.host_malloc import CHOICES as HOST_MALLOC_CHOICES
 from ds_trainer.model import PRESETS, GPTConfig
 from ds_trainer.yaml_io import YamlLoader, read_yaml
 
@@ -161,6 +162,10 @@ class TrainSection:
     host_memory_gb: float | None = None
     """Host memory per node, GiB, that the JSON's "auto" offload sizes are derived from (docs/planning.md);
     default: the machine's RAM or its cgroup's limit, whichever is lower."""
+    host_malloc: str = "auto"
+    """What glibc does with host memory a step frees (ds_trainer/host_malloc.py): "keep" it for the next step
+    (faster on CPU, more resident memory), "glibc" (its defaults: large blocks go back to the kernel), or
+    "auto": keep when the steps run on the CPU and nothing is offloaded."""
     watchdog_timeout: float = 1800.0
     """Seconds without progress (a step, an evaluation or a save finishing) after which a rank dumps every
     thread's stack and exits non-zero; longer than the slowest save. 0 disables."""
@@ -181,6 +186,10 @@ class TrainSection:
         out += _below("train", self, ("stop_grace", "watchdog_timeout", "clip_from_step"), 0)
         if self.host_memory_gb is not None and self.host_memory_gb <= 0:
             out.append(f"train.host_memory_gb must be > 0, got {self.host_memory_gb}")
+        if self.host_malloc not in HOST_MALLOC_CHOICES:
+            out.append(
+                f"train.host_malloc must be one of {', '.join(HOST_MALLOC_CHOICES)}, got {self.host_malloc!r}"
+            )
         return out
 
     def _rampup_problems(self) -> list[str]:

@@ -110,6 +110,15 @@ class ResolvedDSConfig:
     def precision(self) -> str:
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
+    @property
+    def offloaded(self) -> bool:
+        """Whether ZeRO keeps the optimizer state or the parameters off the device (on the host or NVMe)."""
+        zero = self.config.get("zero_optimization", {})
+        return any(
+            isinstance(zero.get(s), dict) and zero[s].get("device") in ("cpu", "nvme")
+            for s in ("offload_optimizer", "offload_param")
+        )
+
     def loading_universal(self) -> ResolvedDSConfig:
         """This config set to load DeepSpeed's universal checkpoint format (resume on a new layout)."""
         checkpoint = {**self.config.get("checkpoint", {}), "load_universal": True}

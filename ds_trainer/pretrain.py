@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ds_trainer import __version__
+from ds_trainer import __version__, host_malloc
 from ds_trainer.checkpoint.checkpointer import Checkpointer
 from ds_trainer.checkpoint.identity import layout_of, run_configs
 from ds_trainer.checkpoint.resume import ResumePlan, convert_if_needed, find_resume, newer_than, set_aside
@@ -67,10 +67,15 @@ class Inputs:
 def pretrain(run: RunConfig, ds_config_path: str | None) -> int:
     """Train; returns the process exit code (0 finished, REQUEUE_EXIT stopped early with a checkpoint)."""
     inputs = check_inputs(run, ds_config_path)
+    # Before the model and the engine allocate: the policy holds for the blocks malloc serves after it.
+    malloc_line = host_malloc.choose(
+        run.train.host_malloc, accelerator_name() == "cpu", inputs.ds.offloaded
+    ).apply()
     init_distributed()
     rank = int(os.environ["RANK"])
     group = Group(inputs.world, accelerator_device())
     metrics = Metrics.for_rank(rank, run)
+    metrics.print_line(malloc_line)
     try:
         ds, resume_plan = choose_resume(run, inputs, group, rank, metrics)
         trainer = build_trainer(run, inputs, ds, resume_plan, group, rank, metrics)

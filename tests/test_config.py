@@ -177,6 +177,10 @@ def test_missing_file(tmp_path):
         (["--train.max_steps", "0"], "train.max_steps must be >= 1, got 0"),
         (["--train.peak_lr", "0"], "train.peak_lr must be > 0"),
         (["--checkpoint.dir", ""], "checkpoint.dir must not be empty"),
+        (
+            ["--train.host_malloc", "tcmalloc"],
+            "train.host_malloc must be one of auto, keep, glibc, got 'tcmalloc'",
+        ),
     ],
 )
 def test_value_problems(overrides, message):

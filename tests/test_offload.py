@@ -198,6 +198,7 @@ def test_a_run_on_the_derived_values_trains_and_saves_them(tmp_path, verdict_pat
     args = tiny_args(run, verdict_path, 8, **{"train.host_memory_gb": 1 / 32, "checkpoint.save_interval": 8})
     proc = run_pretrain(["--ds_config", str(ds), *args])
     ok(proc)
+    assert "host malloc: glibc's defaults (ZeRO offload: host memory is the budget)" in proc.stdout
     values = np.array([losses(run)[s] for s in range(1, 9)])
     assert np.isfinite(values).all() and values[-2:].mean() < values[:2].mean(), values
     saved = json.loads((run / "step_00000008" / "ds_config.json").read_text())["zero_optimization"]

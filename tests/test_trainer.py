@@ -256,6 +256,11 @@ def test_tensorboard_holds_every_scalar_and_the_sample(tmp_path, verdict_path):
         f"{per_token:.3e} FLOPs per token; MFU against 0.002 TFLOP/s per device (log.peak_tflops)"
         in proc.stdout
     )
+    # Steps on the CPU, nothing offloaded: the host keeps freed memory for the next step (ds_trainer/host_malloc.py).
+    assert (
+        "host malloc: keep freed memory for the next step (steps on the CPU, nothing offloaded)"
+        in proc.stdout
+    )
     for m in (m for m in read_metrics(run) if "perf/mfu" in m):
         assert m["perf/tflops_per_device"] == pytest.approx(
             m["perf/tokens_per_sec"] * per_token / 1e12, rel=1e-9
