@@ -24,6 +24,7 @@ from ds_trainer.ds_validate import (
     MIN_WARMUP_STEPS,
     deepspeed_refusal,
     json_problems,
+    offload_device,
     precision_enabled,
     run_length,
     scheduler_class,
@@ -113,11 +114,8 @@ class ResolvedDSConfig:
     @property
     def offloaded(self) -> bool:
         """Whether ZeRO keeps the optimizer state or the parameters off the device (on the host or NVMe)."""
-        zero = self.config.get("zero_optimization", {})
-        return any(
-            isinstance(zero.get(s), dict) and zero[s].get("device") in ("cpu", "nvme")
-            for s in ("offload_optimizer", "offload_param")
-        )
+        sections = ("offload_optimizer", "offload_param")
+        return any(offload_device(self.config, s) in ("cpu", "nvme") for s in sections)
 
     def loading_universal(self) -> ResolvedDSConfig:
         """This config set to load DeepSpeed's universal checkpoint format (resume on a new layout)."""

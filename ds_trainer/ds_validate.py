@@ -213,9 +213,10 @@ def precision_enabled(cfg: dict[str, Any], key: str) -> bool:
     return v is True or (type(v) is int and v == 1)
 
 
-def offload_device(cfg: dict[str, Any]) -> Any:
+def offload_device(cfg: dict[str, Any], section: str = "offload_optimizer") -> Any:
+    """The device of zero_optimization.<section> ("cpu", "nvme", "none"), or None where it is not set."""
     zero = cfg.get("zero_optimization")
-    off = zero.get("offload_optimizer") if isinstance(zero, dict) else None
+    off = zero.get(section) if isinstance(zero, dict) else None
     return off.get("device") if isinstance(off, dict) else None
 
 

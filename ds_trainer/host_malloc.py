@@ -46,7 +46,9 @@ class MallocPolicy:
             return f"host malloc: left as it is, the C library is not glibc (asked: {self.name}, {self.why})"
         for param, value in self.settings:
             if libc.mallopt(param, value) != 1:
-                return f"host malloc: glibc refused mallopt({param}, {value}); left at its defaults"
+                return (
+                    f"host malloc: glibc refused mallopt({param}, {value}), so {self.name} is not fully set"
+                )
         return f"host malloc: {self.name} ({self.why})"
 
 
