@@ -164,8 +164,9 @@ class TrainSection:
     default: the machine's RAM or its cgroup's limit, whichever is lower."""
     host_malloc: str = "auto"
     """What glibc does with host memory a step frees (ds_trainer/host_malloc.py): "keep" it for the next step
-    (faster on CPU, more resident memory), "glibc" (its defaults: large blocks go back to the kernel), or
-    "auto": keep when the steps run on the CPU and nothing is offloaded."""
+    (faster on CPU, more resident memory), "release" every block above 128 KiB to the kernel (least
+    resident memory), "glibc" (its defaults), or "auto": keep when the steps run on the CPU and nothing is
+    offloaded, release under ZeRO offload, glibc's defaults otherwise."""
     watchdog_timeout: float = 1800.0
     """Seconds without progress (a step, an evaluation or a save finishing) after which a rank dumps every
     thread's stack and exits non-zero; longer than the slowest save. 0 disables."""

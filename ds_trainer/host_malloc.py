@@ -1,19 +1,25 @@
 """What the host's allocator does with the memory a step frees: glibc's mallopt(3), set once at start-up.
 
-PyTorch's CPU tensors come from glibc's malloc and go back to it when freed. glibc serves every block above
-its mmap threshold (at most 32 MiB) with a fresh mapping and unmaps it on free, so a step that allocates and
-frees the same large activations each time (the logits alone are batch × context × vocabulary floats) has the
-kernel fault in and zero that memory again every step. On the 2-core CPU machine, the `small` shape of
-benchmarks/throughput.py (6 × 384, context 256, batch 8, fp32) takes 460,000 page faults (1.8 GB) per step;
-keeping the freed memory in glibc's heap removes them and makes the step about 18 % faster
-(benchmarks/host_malloc.py), for more resident memory: the heap stays at the step's high-water mark and
-keeps its fragments.
+PyTorch's CPU tensors come from glibc's malloc and go back to it when freed. glibc starts by serving every
+block above 128 KiB with a fresh mapping, unmapped on free; each time such a block is freed it raises that
+threshold to the block's size (up to 32 MiB), so from then on blocks below it come from the heap, and the
+heap gives back only its top. Two things follow, each wrong for one kind of run:
 
-That trade is right only where the steps compute on the host and host memory is not the budget. On a GPU
-the step's tensors live in PyTorch's CUDA allocator, and what the host frees is mostly a checkpoint's copy,
-better given back. Under ZeRO offload the host holds the optimizer state and the parameters, and the
-planner's host figures assume freed memory goes back. So `train.host_malloc` "auto" keeps freed memory on
-a CPU accelerator with nothing offloaded, and leaves glibc alone otherwise.
+- A step that allocates and frees the same large activations each time (the logits alone are batch ×
+  context × vocabulary floats) has the kernel fault in and zero the blocks above the threshold again every
+  step. On the 2-core CPU machine, the `small` shape of benchmarks/throughput.py (6 × 384, context 256,
+  batch 8, fp32) takes 460,000 page faults (1.8 GB) per step; keeping freed memory in glibc's heap removes
+  them and makes the step about 18 % faster (benchmarks/host_malloc.py), for more resident memory.
+- Under ZeRO offload the host holds the optimizer state and the parameters, and host memory is the budget.
+  The blocks below the raised threshold (a layer's gathered weights and gradients, DeepSpeed's staging
+  copies) stay in the heap between steps, fragmented. With every block above 128 KiB mapped and unmapped
+  instead, one fp32 rank peaked at 9.3 GiB instead of 11.1 (gpt2-medium, CPU offload) and at 13.8 GiB
+  instead of 17.6 (gpt2-xl, NVMe offload), with the same losses, at 1.1-1.5x the seconds per step
+  (benchmarks/offload_scale.py --host_malloc auto,glibc; README, "Offload"). The planner's host figures
+  (launch/plan.py --host_memory) are what the run holds, so they assume the latter.
+
+So `train.host_malloc` "auto" keeps freed memory on a CPU accelerator with nothing offloaded, releases it
+under offload, and leaves glibc alone otherwise (a GPU's steps allocate in CUDA's allocator).
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from dataclasses import dataclass
 
 # mallopt(3) parameters, from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 
-CHOICES = ("auto", "keep", "glibc")
+CHOICES = ("auto", "keep", "release", "glibc")
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,10 @@ class MallocPolicy:
 # Serve no block by mmap and trim the heap's top only beyond 2 GiB: freed blocks stay for reuse.
 KEEP = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))  # mallopt takes a C int
 
+# glibc's starting thresholds, set explicitly: that stops glibc raising them (mallopt(3)), so every block
+# above 128 KiB is its own mapping, unmapped when freed, and the heap's top is trimmed beyond 128 KiB.
+RELEASE = ((M_MMAP_THRESHOLD, 128 * 1024), (M_TRIM_THRESHOLD, 128 * 1024))
+
 
 def choose(requested: str, on_host: bool, offloaded: bool) -> MallocPolicy:
     """The policy for `train.host_malloc` when the steps compute `on_host` (the CPU accelerator) or not, on a
@@ -62,10 +73,14 @@ def choose(requested: str, on_host: bool, offloaded: bool) -> MallocPolicy:
     if requested == "keep" or (requested == "auto" and on_host and not offloaded):
         why = "train.host_malloc keep" if requested == "keep" else "steps on the CPU, nothing offloaded"
         return MallocPolicy("keep freed memory for the next step", KEEP, why)
-    if requested == "glibc":
-        why = "train.host_malloc glibc"
-    else:
-        why = "ZeRO offload: host memory is the budget" if offloaded else "steps on an accelerator"
+    if requested == "release" or (requested == "auto" and offloaded):
+        why = (
+            "train.host_malloc release"
+            if requested == "release"
+            else "ZeRO offload: host memory is the budget"
+        )
+        return MallocPolicy("give freed blocks above 128 KiB back to the kernel", RELEASE, why)
+    why = "train.host_malloc glibc" if requested == "glibc" else "steps on an accelerator"
     return MallocPolicy("glibc", (), why)
 
 

@@ -42,8 +42,10 @@ OPTIMIZER_SWAP_SHARE = 1 / 16
 """Share of a rank's host memory the optimizer's pinned swap buffers may take (1.5 GiB on a 24 GiB host)."""
 PIN_SHARE = 1 / 2
 """Share of a rank's host memory pinned (page-locked) buffers may take before "auto" turns pinning off."""
-PARAMS_IN_CPU_SHARE = 1 / 4
-"""Share of a rank's host memory NVMe-offloaded parameters may keep in CPU memory (`max_in_cpu` "auto")."""
+PARAMS_IN_CPU_SHARE = 1 / 8
+"""Share of a rank's host memory NVMe-offloaded parameters may keep in CPU memory (`max_in_cpu` "auto"). An
+eighth, not more: the rank's reduced gradients stay in host memory beside them in the same dtype, and a
+quarter kept all of gpt2-xl's fp32 weights there (5.8 GiB) and peaked above 16 GB on a 24 GiB host."""
 
 
 @dataclass(frozen=True)
@@ -180,24 +182,22 @@ NOT_OFFLOADED = SectionBytes(0, 0, 0, 0)
 
 
 def optimizer_bytes(zero: dict[str, Any], stage: int, t: Tensors, w: int) -> SectionBytes:
-    """The offloaded optimizer of a resolved zero_optimization section. fp32 gradients of the rank's
-    partition stay in host memory either way (DeepSpeed's grad_partitions_flat_buffer); on the CPU the fp32
-    weights and Adam's moments join them (and at ZeRO-1/2 a 16-bit staging copy); on NVMe they are swapped
-    through buffer_count buffers of a sub-group."""
+    """The offloaded optimizer of a resolved zero_optimization section (DeepSpeed 0.19's stage3.py, and
+    measured: benchmarks/offload_scale.py). At ZeRO-3 the reduced gradients of the rank's partition stay in
+    host memory either way, in the model's dtype (grad_partitions_flat_buffer); on the CPU the fp32 weights,
+    Adam's moments and each sub-group's fp32 gradient buffer join them (16 bytes per element; at ZeRO-1/2
+    the fp32 gradients and a 16-bit staging copy instead); on NVMe the fp32 states are swapped through
+    buffer_count buffers of a sub-group, and one sub-group's fp32 gradient buffer stays."""
     opt = _section(zero, "offload_optimizer")
+    sub_group = min(zero.get("sub_group_size", DS_SUB_GROUP), t.total)
     if opt.get("device") == "cpu":
-        held = 16 * t.total + (w * t.total if stage < 3 else 0)
+        held = 16 * t.total + w * t.total
         return SectionBytes(resident=held, always_pinned=0, pinnable=held, nvme=0)
     if opt.get("device") != "nvme":
         return NOT_OFFLOADED
-    buffers = (
-        opt.get("buffer_count", OPTIMIZER_SWAP_TENSORS)
-        * min(zero.get("sub_group_size", DS_SUB_GROUP), t.total)
-        * 4
-    )
-    return SectionBytes(
-        resident=4 * t.total + buffers, always_pinned=buffers, pinnable=4 * t.total, nvme=16 * t.total
-    )
+    buffers = opt.get("buffer_count", OPTIMIZER_SWAP_TENSORS) * sub_group * 4
+    grads = w * t.total + 4 * sub_group
+    return SectionBytes(resident=grads + buffers, always_pinned=buffers, pinnable=grads, nvme=16 * t.total)
 
 
 def parameter_bytes(zero: dict[str, Any], t: Tensors, w: int) -> SectionBytes:

@@ -179,7 +179,7 @@ def test_missing_file(tmp_path):
         (["--checkpoint.dir", ""], "checkpoint.dir must not be empty"),
         (
             ["--train.host_malloc", "tcmalloc"],
-            "train.host_malloc must be one of auto, keep, glibc, got 'tcmalloc'",
+            "train.host_malloc must be one of auto, keep, release, glibc, got 'tcmalloc'",
         ),
     ],
 )

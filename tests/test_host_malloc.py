@@ -1,4 +1,5 @@
-"""The host allocator's policy: which one a layout gets, and that "keep" really stops the page faults."""
+"""The host allocator's policy: which one a layout gets, that "keep" really stops the page faults and that
+"release" really gives freed memory back."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 
 import pytest
 
-from ds_trainer.host_malloc import KEEP, choose
+from ds_trainer.host_malloc import KEEP, RELEASE, choose
 
 # A child process: mallopt changes the whole process, so each policy gets a fresh one. It allocates and frees
 # a 64 MiB tensor (above glibc's largest mmap threshold, 32 MiB) twenty times and prints the minor page
@@ -24,9 +25,25 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def probe(policy: str, offloaded: bool) -> tuple[str, int]:
+# A child process again: it frees a 16 MiB tensor (glibc then raises its mmap threshold to 16 MiB), allocates
+# 64 tensors of 4 MiB, frees all but the last and prints how much more memory is resident than before them.
+RESIDENT_PROBE = """
+import os, sys, torch
+from ds_trainer.host_malloc import choose
+print(choose(sys.argv[1], on_host=True, offloaded=sys.argv[2] == "1").apply())
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+torch.ones(4 * 2**20).sum()
+before = resident()
+blocks = [torch.ones(2**20) for _ in range(64)]
+del blocks[:-1]
+print(resident() - before)
+"""
+
+
+def probe(policy: str, offloaded: bool, code: str = PROBE) -> tuple[str, int]:
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, policy, "1" if offloaded else "0"],
+        [sys.executable, "-c", code, policy, "1" if offloaded else "0"],
         capture_output=True,
         text=True,
         check=True,
@@ -35,12 +52,14 @@ def probe(policy: str, offloaded: bool) -> tuple[str, int]:
     return out[0], int(out[-1])
 
 
-def test_auto_keeps_freed_memory_only_for_steps_on_the_cpu_without_offload():
+def test_auto_keeps_freed_memory_for_steps_on_the_cpu_and_releases_it_under_offload():
     assert choose("auto", on_host=True, offloaded=False).settings == KEEP
-    assert choose("auto", on_host=True, offloaded=True).settings == ()
+    assert choose("auto", on_host=True, offloaded=True).settings == RELEASE
+    assert choose("auto", on_host=False, offloaded=True).settings == RELEASE
     assert choose("auto", on_host=False, offloaded=False).settings == ()
     assert choose("keep", on_host=False, offloaded=True).settings == KEEP
-    assert choose("glibc", on_host=True, offloaded=False).settings == ()
+    assert choose("release", on_host=True, offloaded=False).settings == RELEASE
+    assert choose("glibc", on_host=True, offloaded=True).settings == ()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's, on Linux")
@@ -48,6 +67,17 @@ def test_kept_memory_is_reused_without_page_faults():
     line, faults = probe("auto", offloaded=False)
     assert line == "host malloc: keep freed memory for the next step (steps on the CPU, nothing offloaded)"
     assert faults < 500, faults  # 5 x 16,384 pages when each block is mapped anew
-    line, faults = probe("auto", offloaded=True)
-    assert line == "host malloc: glibc's defaults (ZeRO offload: host memory is the budget)"
+    line, faults = probe("glibc", offloaded=False)
+    assert line == "host malloc: glibc's defaults (train.host_malloc glibc)"
     assert faults > 5 * 16_000, faults
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's, on Linux")
+def test_released_memory_goes_back_to_the_kernel():
+    line, held = probe("auto", offloaded=True, code=RESIDENT_PROBE)
+    assert line == (
+        "host malloc: give freed blocks above 128 KiB back to the kernel (ZeRO offload: host memory is the budget)"
+    )
+    assert held < 16 * 2**20, held  # the one 4 MiB tensor still alive
+    line, held = probe("glibc", offloaded=True, code=RESIDENT_PROBE)
+    assert held > 200 * 2**20, held  # glibc's heap keeps the 63 freed blocks below the one still alive

@@ -499,14 +499,17 @@ def test_host_figures_are_the_offload_terms_for_gpt2_tiny():
     needs = {n.base_file: n for n in host_needs(PRESETS["gpt2-tiny"], "bf16", Host(GIB), 1)}
     assert (needs["zero3"].resident, needs["zero3"].pinned, needs["zero3"].nvme) == (HOST_PROCESS_BASE, 0, 0)
     nvme = needs["zero3_offload_nvme"]
-    # fp32 gradients 4P, 4 swap buffers of a sub-group (all of P here), the parameters kept in CPU memory (2P)
-    # and 5 parameter swap buffers of the embedding; on NVMe fp32 weights, moments and gradients and the
-    # 16-bit parameters. Everything is pinned on a 1 GiB host.
-    assert nvme.resident == HOST_PROCESS_BASE + 4 * p + 4 * p * 4 + 2 * p + 5 * wte * 2
+    # The reduced bf16 gradients 2P and a sub-group's fp32 gradient buffer (all of P here, 4P), 4 swap
+    # buffers of a sub-group, the parameters kept in CPU memory (2P) and 5 parameter swap buffers of the
+    # embedding; on NVMe fp32 weights, moments and gradients and the 16-bit parameters. Everything is
+    # pinned on a 1 GiB host.
+    assert nvme.resident == HOST_PROCESS_BASE + 2 * p + 4 * p + 4 * p * 4 + 2 * p + 5 * wte * 2
     assert nvme.pinned == nvme.resident - HOST_PROCESS_BASE
     assert nvme.nvme == 18 * p
+    # fp32 weights, moments and sub-group gradients (16P) and the bf16 reduced gradients (2P); the
+    # bf16 parameters (2P).
     cpu = needs["zero3_offload_cpu"]
-    assert (cpu.resident, cpu.pinned, cpu.nvme) == (HOST_PROCESS_BASE + 18 * p, 18 * p, 0)
+    assert (cpu.resident, cpu.pinned, cpu.nvme) == (HOST_PROCESS_BASE + 20 * p, 20 * p, 0)
     assert needs["zero2_offload_cpu"].resident == HOST_PROCESS_BASE + 18 * p  # with the 16-bit staging copy
     assert all(n.fits for n in needs.values())
 
