@@ -165,8 +165,9 @@ class TrainSection:
     host_malloc: str = "auto"
     """What glibc does with host memory a step frees (ds_trainer/host_malloc.py): "keep" it for the next step
     (faster on CPU, more resident memory), "release" every block above 128 KiB to the kernel (least
-    resident memory), "glibc" (its defaults), or "auto": keep when the steps run on the CPU and nothing is
-    offloaded, release under ZeRO offload, glibc's defaults otherwise."""
+    resident memory), "glibc" (its defaults), or "auto": keep when the steps run on the CPU, nothing is
+    offloaded and the model's training states take at most a quarter of the host's memory, release under
+    ZeRO offload or on a tighter CPU host, glibc's defaults on an accelerator."""
     watchdog_timeout: float = 1800.0
     """Seconds without progress (a step, an evaluation or a save finishing) after which a rank dumps every
     thread's stack and exits non-zero; longer than the slowest save. 0 disables."""

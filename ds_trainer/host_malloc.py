@@ -18,8 +18,9 @@ heap gives back only its top. Two things follow, each wrong for one kind of run:
   (benchmarks/offload_scale.py --host_malloc auto,glibc; README, "Offload"). The planner's host figures
   (launch/plan.py --host_memory) are what the run holds, so they assume the latter.
 
-So `train.host_malloc` "auto" keeps freed memory on a CPU accelerator with nothing offloaded, releases it
-under offload, and leaves glibc alone otherwise (a GPU's steps allocate in CUDA's allocator).
+So `train.host_malloc` "auto" keeps freed memory on a CPU accelerator with nothing offloaded and room to
+spare (KEEP_SHARE), releases it under offload or where the host is tight, and leaves glibc alone otherwise
+(a GPU's steps allocate in CUDA's allocator).
 """
 
 from __future__ import annotations
@@ -67,18 +68,35 @@ KEEP = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))  # mallopt takes a C int
 RELEASE = ((M_MMAP_THRESHOLD, 128 * 1024), (M_TRIM_THRESHOLD, 128 * 1024))
 
 
-def choose(requested: str, on_host: bool, offloaded: bool) -> MallocPolicy:
+STATE_BYTES = 16
+"""Bytes of training state per parameter: weights, gradients and Adam's two moments (fp32 throughout, or
+bf16 weights and gradients beside fp32 master weights and moments)."""
+KEEP_SHARE = 1 / 4
+"""Keeping freed memory raises a CPU run's peak up to 1.4x (benchmarks/host_malloc.py), so "auto" keeps it
+only while the model's training states take at most this share of a rank's host memory. gpt2-large
+(12.4 GB of states) under ZeRO-3 on a 23.5 GiB host was killed by the kernel with it, and trained within
+the planner's figure without (README, "Offload")."""
+
+
+def tight(parameters: int, host_share: int) -> bool:
+    """Whether a rank's host memory (`host_share` bytes) is too tight to keep what a step frees, for a model
+    of `parameters`. Counted unpartitioned: the ranks of a CPU run share the host whatever ZeRO splits."""
+    return STATE_BYTES * parameters > host_share * KEEP_SHARE
+
+
+def choose(requested: str, on_host: bool, offloaded: bool, tight: bool = False) -> MallocPolicy:
     """The policy for `train.host_malloc` when the steps compute `on_host` (the CPU accelerator) or not, on a
-    layout that does (`offloaded`) or does not offload."""
-    if requested == "keep" or (requested == "auto" and on_host and not offloaded):
+    layout that does (`offloaded`) or does not offload, with host memory `tight` (see `tight()`) or not."""
+    if requested == "keep" or (requested == "auto" and on_host and not offloaded and not tight):
         why = "train.host_malloc keep" if requested == "keep" else "steps on the CPU, nothing offloaded"
         return MallocPolicy("keep freed memory for the next step", KEEP, why)
-    if requested == "release" or (requested == "auto" and offloaded):
-        why = (
-            "train.host_malloc release"
-            if requested == "release"
-            else "ZeRO offload: host memory is the budget"
-        )
+    if requested == "release" or (requested == "auto" and (offloaded or on_host)):
+        if requested == "release":
+            why = "train.host_malloc release"
+        elif offloaded:
+            why = "ZeRO offload: host memory is the budget"
+        else:
+            why = f"steps on the CPU, the model's training states above {KEEP_SHARE:.0%} of host memory"
         return MallocPolicy("give freed blocks above 128 KiB back to the kernel", RELEASE, why)
     why = "train.host_malloc glibc" if requested == "glibc" else "steps on an accelerator"
     return MallocPolicy("glibc", (), why)

@@ -7,8 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO, ok, run_pretrain, tiny_args
 
-from ds_trainer.host_malloc import KEEP, RELEASE, choose
+from ds_trainer.host_malloc import KEEP, RELEASE, choose, tight
+from ds_trainer.model import PRESETS
+from ds_trainer.planning.shape import count_parameters
 
 # A child process: mallopt changes the whole process, so each policy gets a fresh one. It allocates and frees
 # a 64 MiB tensor (above glibc's largest mmap threshold, 32 MiB) twenty times and prints the minor page
@@ -60,6 +63,30 @@ def test_auto_keeps_freed_memory_for_steps_on_the_cpu_and_releases_it_under_offl
     assert choose("keep", on_host=False, offloaded=True).settings == KEEP
     assert choose("release", on_host=True, offloaded=False).settings == RELEASE
     assert choose("glibc", on_host=True, offloaded=True).settings == ()
+
+
+def test_auto_releases_on_a_cpu_host_too_tight_to_keep_freed_memory():
+    # The CI-class machine, one rank: gpt2-medium's states (16 x 355M = 5.7 GB) are within a quarter of its
+    # 23.54 GiB, gpt2-large's (16 x 774M = 12.4 GB, killed by the kernel with kept memory) are not.
+    host = int(23.54 * 2**30)
+    medium, large = (count_parameters(PRESETS[p]).total for p in ("gpt2-medium", "gpt2-large"))
+    assert (tight(medium, host), tight(large, host)) == (False, True)
+    assert tight(medium, host // 2)  # two ranks on that host
+    policy = choose("auto", on_host=True, offloaded=False, tight=True)
+    assert policy.settings == RELEASE
+    assert "the model's training states above 25% of host memory" in policy.why
+    assert choose("keep", on_host=True, offloaded=False, tight=True).settings == KEEP  # asked for
+
+
+def test_a_cpu_run_on_a_tight_host_releases_freed_memory(tmp_path, verdict_path):
+    """gpt2-tiny (3.3M parameters, 53 MB of states) told its host has 128 MiB: more than a quarter."""
+    args = tiny_args(tmp_path / "run", verdict_path, 2, **{"train.host_memory_gb": 1 / 8})
+    proc = run_pretrain(["--ds_config", str(REPO / "ds_configs" / "zero0.json"), *args])
+    ok(proc)
+    assert (
+        "host malloc: give freed blocks above 128 KiB back to the kernel (steps on the CPU, the model's "
+        "training states above 25% of host memory)"
+    ) in proc.stdout
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's, on Linux")
