@@ -1,13 +1,13 @@
 """For each offload layout, the largest GPT-2 preset that trains on this machine: peak resident memory,
 s/step and tokens/s, beside the planner's predicted peak (`launch/plan.py --host_memory ... --cpu_ranks`).
 
-Each case is one process of the real trainer (launch/pretrain.py, one rank, micro batch 1, context 128 (--context),
-the shipped JSON unmodified but for its NVMe folder, and with --dtype fp32 its bf16 section off) training
---steps steps on the-verdict.txt and saving at the end. The peak is the process's largest memory: its
+Each case is one process of the real trainer (launch/pretrain.py, one rank, micro batch 1, context 128 or
+--context, the shipped JSON unmodified but for its NVMe folder, and with --dtype fp32 its bf16 section
+off) training --steps steps on the-verdict.txt and saving at the end. The peak is the process's largest memory: its
 maximum resident set (getrusage of a wrapper process that runs only it), or, where swap is on and the
 kernel moved some of it out, its resident plus swapped bytes sampled every 50 ms, whichever is larger; the
 peak before the first step (building the engine) is shown beside it. Presets are tried from the largest
-the planner says fits, downwards, until one trains; --presets names them instead (a preset the host
+the planner says fits, downwards, until one trains; --presets names presets to measure each (one the host
 cannot hold can then be measured on a machine with swap: its memory is what it would need resident).
 
 TIKTOKEN_CACHE_DIR=../shared/tiktoken_cache python benchmarks/offload_scale.py [--steps 4]
@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--context", type=int, default=CONTEXT, help="tokens per sequence (default 128)")
     parser.add_argument(
-        "--presets", help="comma-separated presets to try, largest first (default: those that fit)"
+        "--presets", help="comma-separated presets, each measured (default: the largest that fits and trains)"
     )
     parser.add_argument(
         "--host_malloc",
@@ -180,6 +180,11 @@ def main() -> None:
     )
     parser.add_argument("--one", nargs=3, metavar=("PRESET", "LAYOUT", "MALLOC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from ds_trainer.model import PRESETS as KNOWN
+
+    unknown = [p for p in (args.presets or "").split(",") if p and p not in KNOWN]
+    if unknown:
+        parser.error(f"--presets: unknown {', '.join(unknown)}; use some of {', '.join(KNOWN)}")
     Path(args.nvme_path).mkdir(parents=True, exist_ok=True)
     if args.one:  # one case in this process's only child, so that RUSAGE_CHILDREN is that child's
         with tempfile.TemporaryDirectory(prefix="offload_scale_") as tmp:
@@ -205,28 +210,26 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     policies = args.host_malloc.split(",")
     for layout in args.layouts.split(","):
-        predicted = {p: predicted_peak(p, layout, args) for p in PRESETS}
-        chosen = (
-            args.presets.split(",") if args.presets else [p for p in reversed(PRESETS) if predicted[p][1]]
-        )
-        tried = []
+        named = args.presets.split(",") if args.presets else []
+        predicted = {p: predicted_peak(p, layout, args) for p in named or PRESETS}
+        chosen = named or [p for p in reversed(PRESETS) if predicted[p][1]]
+        tried, trained = [], set()
         for preset in chosen:
-            trained = False
             for malloc in policies:
                 out = run_case(preset, layout, malloc, args)
                 finite = len(out["losses"]) >= args.steps and all(x == x for x in out["losses"])
                 if out["rc"] != 0 or not finite:
                     tried.append(f"{preset} with {malloc} (exit {out['rc']}: {out['error'][:120]})")
                     continue
-                trained = True
+                trained.add(preset)
                 error = predicted[preset][0] / out["peak"] - 1
                 io = f"{out['io'][0]:.2f} / {out['io'][1]:.2f}" if out["io"] else "-"
                 print(f"| {LAYOUTS[layout]} | {preset} | {malloc} | {out['peak'] / 2**30:.2f} | "
                       f"{out['build_peak'] / 2**30:.2f} | {predicted[preset][0] / 2**30:.2f} | {error:+.1%} | "
                       f"{out['step_s']:.1f} | {args.context / out['step_s']:.1f} | {io} |", flush=True)  # fmt: skip
-            if trained:
+            if trained and not args.presets:  # the largest that trains; named presets are each measured
                 break
-        else:
+        if not trained:
             print(f"| {LAYOUTS[layout]} | none | | | | | | | | |")
         if tried:
             print(f"  did not train: {'; '.join(tried)}")

@@ -78,6 +78,8 @@ class ResolvedDSConfig:
     """Optimizer steps the run takes."""
     schedule_steps: int
     """Length of the run in steps of the full global batch; equals total_steps unless the batch ramps up."""
+    host: Host
+    """The host memory the offload sizes were derived from (train.host_memory_gb, else this machine's)."""
     rampup_start_batch: int | None = None
     rampup_samples: int = 0
     pipeline_stages: int = 1
@@ -217,7 +219,17 @@ def resolve(
     problems.raise_if_any()
     start = run.train.rampup_start_batch
     return ResolvedDSConfig(
-        cfg, source, micro, gas, dp, optimizer_steps, total_steps, start, run.rampup_samples or 0, stages
+        cfg,
+        source,
+        micro,
+        gas,
+        dp,
+        optimizer_steps,
+        total_steps,
+        host,
+        start,
+        run.rampup_samples or 0,
+        stages,
     )
 
 

@@ -84,10 +84,10 @@ def tight(parameters: int, host_share: int) -> bool:
     return STATE_BYTES * parameters > host_share * KEEP_SHARE
 
 
-def choose(requested: str, on_host: bool, offloaded: bool, tight: bool = False) -> MallocPolicy:
+def choose(requested: str, on_host: bool, offloaded: bool, host_tight: bool = False) -> MallocPolicy:
     """The policy for `train.host_malloc` when the steps compute `on_host` (the CPU accelerator) or not, on a
-    layout that does (`offloaded`) or does not offload, with host memory `tight` (see `tight()`) or not."""
-    if requested == "keep" or (requested == "auto" and on_host and not offloaded and not tight):
+    layout that does (`offloaded`) or does not offload, with host memory tight (`host_tight`, see `tight()`) or not."""
+    if requested == "keep" or (requested == "auto" and on_host and not offloaded and not host_tight):
         why = "train.host_malloc keep" if requested == "keep" else "steps on the CPU, nothing offloaded"
         return MallocPolicy("keep freed memory for the next step", KEEP, why)
     if requested == "release" or (requested == "auto" and (offloaded or on_host)):

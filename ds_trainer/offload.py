@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from ds_trainer.ds_rules import AUTO, show
-from ds_trainer.ds_validate import zero_stage
 from ds_trainer.errors import DsTrainerError, Problems
 from ds_trainer.model import GPTConfig, parameter_sizes
 
@@ -181,7 +180,7 @@ class SectionBytes:
 NOT_OFFLOADED = SectionBytes(0, 0, 0, 0)
 
 
-def optimizer_bytes(zero: dict[str, Any], stage: int, t: Tensors, w: int) -> SectionBytes:
+def optimizer_bytes(zero: dict[str, Any], t: Tensors, w: int) -> SectionBytes:
     """The offloaded optimizer of a resolved zero_optimization section (DeepSpeed 0.19's stage3.py, and
     measured: benchmarks/offload_scale.py). At ZeRO-3 the reduced gradients of the rank's partition stay in
     host memory either way, in the model's dtype (grad_partitions_flat_buffer); on the CPU the fp32 weights,
@@ -236,7 +235,7 @@ class _Rules:
         sub = _fill(zero, "sub_group_size", max(1, min(DS_SUB_GROUP, budget)) if on_nvme else DS_SUB_GROUP)
         if not (_is_int(sub) and _is_int(count)):
             return  # DeepSpeed's model reports the type
-        held = optimizer_bytes(zero, zero_stage({"zero_optimization": zero}), self.t, self.w)
+        held = optimizer_bytes(zero, self.t, self.w)
         if on_nvme:
             self._beyond_host(
                 held.always_pinned,

@@ -33,7 +33,6 @@ from ds_trainer.flops import run_utilisation
 from ds_trainer.guard import IncidentLog, LossGuard
 from ds_trainer.metrics import Metrics
 from ds_trainer.model import GPT, GPTConfig
-from ds_trainer.offload import Host
 from ds_trainer.pipeline import parse_partition
 from ds_trainer.planning.shape import count_parameters
 from ds_trainer.preemption import Stopper, StopRequest
@@ -70,9 +69,7 @@ def pretrain(run: RunConfig, ds_config_path: str | None) -> int:
     """Train; returns the process exit code (0 finished, REQUEUE_EXIT stopped early with a checkpoint)."""
     inputs = check_inputs(run, ds_config_path)
     # Before the model and the engine allocate: the policy holds for the blocks malloc serves after it.
-    tight = host_malloc.tight(
-        count_parameters(inputs.gpt_config).total, Host.detect(run.train.host_memory_gb).share
-    )
+    tight = host_malloc.tight(count_parameters(inputs.gpt_config).total, inputs.ds.host.share)
     malloc_line = host_malloc.choose(
         run.train.host_malloc, accelerator_name() == "cpu", inputs.ds.offloaded, tight
     ).apply()

@@ -72,10 +72,10 @@ def test_auto_releases_on_a_cpu_host_too_tight_to_keep_freed_memory():
     medium, large = (count_parameters(PRESETS[p]).total for p in ("gpt2-medium", "gpt2-large"))
     assert (tight(medium, host), tight(large, host)) == (False, True)
     assert tight(medium, host // 2)  # two ranks on that host
-    policy = choose("auto", on_host=True, offloaded=False, tight=True)
+    policy = choose("auto", on_host=True, offloaded=False, host_tight=True)
     assert policy.settings == RELEASE
     assert "the model's training states above 25% of host memory" in policy.why
-    assert choose("keep", on_host=True, offloaded=False, tight=True).settings == KEEP  # asked for
+    assert choose("keep", on_host=True, offloaded=False, host_tight=True).settings == KEEP  # asked for
 
 
 def test_a_cpu_run_on_a_tight_host_releases_freed_memory(tmp_path, verdict_path):

@@ -90,7 +90,7 @@ def host_needs(
         problems = Problems()
         resolve_offload(raw, name, cfg, w, world, host, problems)
         t = tensors_of(zero, cfg, world)
-        opt, par = optimizer_bytes(zero, layout.stage, t, w), parameter_bytes(zero, t, w)
+        opt, par = optimizer_bytes(zero, t, w), parameter_bytes(zero, t, w)
         pinned = opt.pinned(zero.get("offload_optimizer", {}).get("pin_memory")) + par.pinned(
             zero.get("offload_param", {}).get("pin_memory")
         )
